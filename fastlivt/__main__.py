@@ -1,0 +1,6 @@
+"""``python -m fastlivt`` (and ``deepspeed --module fastlivt``) runs the CLI."""
+import sys
+
+from fastlivt.cli import main
+
+sys.exit(main())
