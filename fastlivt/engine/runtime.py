@@ -1,0 +1,83 @@
+"""The one interface between the training loop and how it is distributed (one small interface per backend).
+
+Implementations: :class:`fastlivt.engine.torch_runtime.TorchRuntime` (single process or torchrun DDP) and
+:class:`fastlivt.engine.ds_runtime.DeepSpeedRuntime` (``deepspeed.initialize``, ZeRO-1/2/3). The semantics follow
+DeepSpeed's engine so that one loop drives both:
+
+- ``backward(loss)`` is called on every micro-batch; the runtime divides by the accumulation steps itself.
+- ``step()`` is called after every micro-batch; it only clips, steps the optimizer and zeroes the gradients at an
+  accumulation boundary, and returns True then (False otherwise).
+- ``set_lr(lr)`` sets every parameter group's lr to ``lr * group.get("lr_scale", 1.0)`` (layer-wise decay) on the
+  optimizer that really steps, before the boundary step.
+"""
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ContextManager, Dict, List
+
+import torch
+from torch import nn
+
+
+class Runtime(ABC):
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    accum_steps: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @abstractmethod
+    def prepare(self, model: nn.Module, param_groups: List[Dict[str, Any]], lr: float, betas, weight_decay: float) -> nn.Module:
+        """Move/wrap the model, build AdamW over ``param_groups``; return the module to call in the loop."""
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> bool: ...
+
+    @property
+    @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def lrs(self) -> List[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    @abstractmethod
+    def unwrap(self) -> nn.Module:
+        """The bare model (no DDP/DeepSpeed wrapper)."""
+
+    @abstractmethod
+    def save(self, directory: str, tag: str, meta: Dict[str, Any]) -> None:
+        """Write model + optimizer (+ engine state) and ``meta`` under ``directory/tag``, atomically."""
+
+    @abstractmethod
+    def load(self, directory: str, tag: str) -> Dict[str, Any]:
+        """Restore what :meth:`save` wrote; return ``meta``."""
+
+    @abstractmethod
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The consolidated model state (fp32, on CPU) on rank 0 — gathered across ZeRO-3 shards if needed."""
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def all_reduce_mean(self, value: float) -> float:
+        if self.world == 1:
+            return float(value)
+        t = torch.tensor([float(value)], device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
