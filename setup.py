@@ -16,7 +16,9 @@ install_requires = [
     "deepspeed>=0.17",  # install with DS_BUILD_OPS=0: ops are JIT-built only when used
     "triton>=3.3",
     "numpy",
-    "pillow",
+    # timm 1.0.31 RandAugment posterize asks for 0 bits at the top magnitude of rand-m9-mstd0.5-inc1; Pillow 13
+    # rejects that ("bits must be between or equal to 1 and 8"), Pillow 12 posterizes to black as timm expects.
+    "pillow>=10,<13",
     "pyyaml",
     "tqdm",
     "matplotlib",

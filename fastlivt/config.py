@@ -40,7 +40,8 @@ class ConvertConfig:
     write_mode: str = "jpg"  # FFCV RGBImageField write mode: jpg | raw | proportion
     compress_probability: float = 0.5  # FFCV 'proportion' mode
     shard_size: int = 10000  # samples per DALI webdataset shard
-    workers: int = 2
+    workers: int = 2  # decode/encode processes (0: decode in the main process)
+    num_classes: Optional[int] = None  # list/inat/imagefolder: expected number of classes (list: None = max label + 1)
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -73,6 +74,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large
+    embed_dim: int = 0  # 0 = the arch's width; non-zero overrides it (small CPU demos)
+    depth: int = 0  # 0 = the arch's number of blocks
+    num_heads: int = 0  # 0 = the arch's number of heads
+    in_chans: int = 3
     patch_size: int = 16
     img_size: int = 224
     attention: str = "auto"  # auto | xformers | sdpa | math
@@ -109,6 +114,8 @@ class LossConfig:
     form: str = "paper"  # paper | official  (Bal-BCE bias form)
     tau: float = 1.0
     fused: str = "auto"  # auto | triton | torch
+    add_log_c: bool = False  # Bal-CE: bias log(pi) + log(C) instead of log(pi)
+    test_prior: Optional[List[float]] = None  # per-class test counts/probabilities (Thm 3); None = uniform
 
 
 @dataclass
@@ -124,8 +131,9 @@ class RunConfig:
     vis_every: int = 20  # epochs between reconstruction grids (MGP)
     max_steps: int = 0  # stop after this many optimizer steps (0 = no limit; tests and benchmarks)
     ema: Optional[float] = None  # EMA decay (BFT), e.g. 0.9999
-    log_every: int = 20
-    progress: bool = True
+    log_every: int = 20  # optimizer steps between CSV/TensorBoard rows
+    progress: bool = True  # tqdm bar
+    tensorboard: bool = True  # <run.out>/tb (an error if asked for and TensorBoard is missing)
 
 
 @dataclass

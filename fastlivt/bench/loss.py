@@ -1,0 +1,193 @@
+"""``fastlivt bench loss``: Balanced-BCE forward+backward — fused Triton kernel vs eager PyTorch vs torch.compile.
+
+Shapes: N = 1,024 rows, C ∈ {365 (Places-LT), 1,000 (ImageNet-LT), 8,142 (iNat18)}, fp32 and bf16 logits; the target
+is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form bias, τ = 1).
+
+- eager: ``x = logits + τb`` then ``binary_cross_entropy_with_logits(x, y, reduction='sum') / N`` on the materialised
+  N × C soft target (built once, outside the timed region), gradient by ``torch.autograd.grad``;
+- torch.compile: the same function compiled (Inductor);
+- triton: :func:`fastlivt.losses.build_loss` with ``fused='triton'`` on the compact MixTarget (no N × C target);
+- triton kernel (one pass): the fused kernel alone (loss and gradient, no autograd), against the copy bandwidth;
+- copy: ``logits.clone()`` — the device's copy bandwidth at the same size, measured in the same run.
+
+GB/s counts 2·N·C·bytes(dtype): the logits read once and the gradient written once (bias, labels and the [N] partial
+sums are ignored; the eager path's fp32 temporaries and target are not counted, so its GB/s is an *effective* figure).
+On CUDA the time is the GPU time between CUDA events with the L2 cache flushed (a 512 MiB write) before every repeat,
+which also hides the CPU launch overhead (as ``triton.testing.do_bench``); ``wall_us`` in ``extra`` is the wall time
+per call in a loop of back-to-back calls, CPU overhead included. On CPU the kernel rows are unavailable and the
+PyTorch path of ``losses.py`` is compared with eager (wall time).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastlivt.bench.common import Row, device_name, sync, time_fn, unavailable
+from fastlivt.logs import get_logger
+
+log = get_logger(__name__)
+
+PART = "loss"
+N = 1024
+CLASSES = (365, 1000, 8142)
+DTYPES = (torch.float32, torch.bfloat16)
+LAM, SMOOTHING = 0.7, 0.1
+COMPILE_BUDGET_S = 120.0  # give up on torch.compile for the remaining shapes once one compilation takes longer
+
+
+def long_tail_counts(c: int, head: int = 1000, imbalance: float = 100.0) -> List[int]:
+    """Exponential profile as in CIFAR-LT: n_i = head · imbalance^(−i/(C−1)), at least 2."""
+    return [max(2, int(head * imbalance ** (-i / (c - 1)))) for i in range(c)]
+
+
+def cuda_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Tuple[float, float, List[float]]:
+    """Median and half-range in µs of GPU time per call, L2 flushed before each call."""
+    flush = torch.empty(512 << 20, dtype=torch.int8, device=device)
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    del flush
+    return statistics.median(times), (max(times) - min(times)) / 2, times
+
+
+def wall_time_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def _eager_loss(logits: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = logits + bias  # bf16 + fp32 -> fp32, as under autocast
+    return F.binary_cross_entropy_with_logits(x, y, reduction="sum") / logits.shape[0]
+
+
+def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        loss = loss_fn(logits)
+        (grad,) = torch.autograd.grad(loss, logits)
+        return grad
+
+    return step
+
+
+def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile_state: Dict[str, object]) -> List[Row]:
+    from fastlivt.losses import build_loss, logit_bias
+    from fastlivt.targets import MixTarget
+
+    cuda = device.type == "cuda"
+    n = N
+    gen = torch.Generator().manual_seed(c)
+    counts = long_tail_counts(c)
+    bias = logit_bias(counts, "bal_bce").to(device)
+    logits = (2.0 * torch.randn(n, c, generator=gen)).to(device=device, dtype=dtype).requires_grad_(True)
+    labels = torch.randint(0, c, (n,), generator=gen).to(device)
+    target = MixTarget(labels, labels.flip(0), LAM, SMOOTHING)
+    y = target.dense(c, dtype=torch.float32)
+    esize = torch.finfo(dtype).bits // 8
+    nbytes = 2 * n * c * esize
+    shape, dname, dev = f"N={n} C={c}", str(dtype).replace("torch.", ""), device_name(device)
+    unit = "us" if cuda else "ms"
+    warmup, repeats = (3, 20 if quick else 100) if cuda else (1, 3 if quick else 7)
+
+    def measure(fn) -> Tuple[float, float, int, Dict[str, float]]:
+        if cuda:
+            med, spread, _ = cuda_time(fn, device, warmup, repeats)
+            extra = {"wall_us": wall_time_us(fn, device, 20 if quick else 100)}
+        else:
+            med, spread, _ = time_fn(fn, device, warmup, repeats)
+            extra = {}
+        t_s = med * (1e-6 if cuda else 1e-3)
+        extra["gbps"] = nbytes / t_s / 1e9
+        return med, spread, repeats, extra
+
+    rows: List[Row] = []
+    ref_loss = _eager_loss(logits.detach().float(), bias, y).item()
+
+    def row(name, backend, med, spread, reps, extra, baseline="", ratio=None) -> Row:
+        extra = {"bytes": nbytes, **extra}
+        return Row(part=PART, name=name, backend=backend, device=dev, shape=shape, dtype=dname, unit=unit, median=med,
+                   spread=spread, repeats=reps, baseline=baseline, ratio=ratio, extra=extra)
+
+    fb = "Bal-BCE fwd+bwd"
+    e_med, e_sp, e_rep, e_extra = measure(_fwd_bwd(lambda z: _eager_loss(z, bias, y), logits))
+    rows.append(row(fb, "eager", e_med, e_sp, e_rep, e_extra))
+
+    # torch.compile of the same eager function
+    c_med: Optional[float] = None
+    if compile_state.get("skip"):
+        rows.append(unavailable(PART, fb, "torch.compile", device, str(compile_state["skip"]), shape=shape, dtype=dname))
+    else:
+        try:
+            compiled = torch.compile(_eager_loss, dynamic=False)
+            t0 = time.perf_counter()
+            _fwd_bwd(lambda z: compiled(z, bias, y), logits)()
+            sync(device)
+            took = time.perf_counter() - t0
+            if took > COMPILE_BUDGET_S:
+                compile_state["skip"] = f"compilation took {took:.0f} s (> {COMPILE_BUDGET_S:.0f} s budget); skipped"
+            c_med, c_sp, c_rep, c_extra = measure(_fwd_bwd(lambda z: compiled(z, bias, y), logits))
+            c_extra["compile_s"] = took
+            rows.append(row(fb, "torch.compile", c_med, c_sp, c_rep, c_extra, "eager", e_med / c_med))
+        except Exception as ex:  # reported, never silent
+            reason = f"torch.compile failed: {type(ex).__name__}: {str(ex).splitlines()[0][:160]}"
+            compile_state["skip"] = reason
+            log.warning("%s", reason)
+            rows.append(unavailable(PART, fb, "torch.compile", device, reason, shape=shape, dtype=dname))
+
+    if cuda:
+        fused = build_loss("bal_bce", counts, fused="triton").to(device)
+        got = fused(logits.detach(), target).item()
+        t_med, t_sp, t_rep, t_extra = measure(_fwd_bwd(lambda z: fused(z, target), logits))
+        t_extra["loss_rel_diff_vs_eager"] = abs(got - ref_loss) / abs(ref_loss)
+        if c_med is not None:
+            t_extra["speedup_vs_compile"] = c_med / t_med
+        rows.append(row(fb, "triton", t_med, t_sp, t_rep, t_extra, "eager", e_med / t_med))
+
+        from kernels.bal_bce import bal_bce_forward
+
+        x = logits.detach()
+        cp_med, cp_sp, cp_rep, cp_extra = measure(lambda: x.clone())
+        rows.append(row("copy (logits.clone)", "torch", cp_med, cp_sp, cp_rep, cp_extra))
+        scaled = fused.scaled_bias
+        k_med, k_sp, k_rep, k_extra = measure(lambda: bal_bce_forward(x, scaled, label_a=target.label_a,
+                                                                      label_b=target.label_b, lam=LAM, smoothing=SMOOTHING))
+        k_extra["fraction_of_copy"] = cp_med / k_med
+        rows.append(row("fused kernel, one pass (loss + grad)", "triton", k_med, k_sp, k_rep, k_extra,
+                        "copy (logits.clone)", cp_med / k_med))
+    else:
+        reason = "needs CUDA (Triton interpreter timings are meaningless)"
+        rows.append(unavailable(PART, fb, "triton", device, reason, shape=shape, dtype=dname))
+        torch_path = build_loss("bal_bce", counts, fused="torch").to(device)
+        got = torch_path(logits.detach(), target).item()
+        p_med, p_sp, p_rep, p_extra = measure(_fwd_bwd(lambda z: torch_path(z, target), logits))
+        p_extra["loss_rel_diff_vs_eager"] = abs(got - ref_loss) / abs(ref_loss)
+        rows.append(row(fb + " (target built per call)", "torch (losses.py)", p_med, p_sp, p_rep, p_extra, "eager",
+                        e_med / p_med))
+    return rows
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    """All rows of the loss benchmark on ``device`` (see the module docstring)."""
+    compile_state: Dict[str, object] = {}
+    if quick and device.type != "cuda":
+        compile_state["skip"] = "skipped in --quick on CPU (Inductor's C++ compilation takes tens of seconds per shape)"
+    rows: List[Row] = []
+    for dtype in DTYPES:
+        for c in CLASSES:
+            rows += _case(c, dtype, device, quick, compile_state)
+    return rows

@@ -1,0 +1,260 @@
+"""``fastlivt bench model``: what running the MGP encoder on the visible tokens only buys, per attention backend.
+
+1. Encoder forward+backward at mask 0.75, visible tokens only (1 + 49 at 224 px) against the *same* encoder (same
+   weights) on all 1 + 196 tokens. MAE reports "3× or more".
+2. The full MGP step — encoder, 8-block 512-wide decoder (always on all tokens), masked MSE, AdamW step — visible-only
+   against the same step with the encoder on all tokens, for ViT-S/B/L at 224. Token arithmetic (``predicted_ratio``,
+   from the matmul FLOPs of encoder and decoder) says about 1.5×, 2.4× and 3.3×: the decoder's share caps the gain of
+   small encoders. Full mode adds where the time goes (encoder, decoder + loss, AdamW, each timed alone).
+
+On CUDA: ViT-B/16 for part 1 and batch 256 (128 for ViT-L) in bf16 autocast for part 2, with images/s and the peak
+memory (``torch.cuda.max_memory_allocated``) per backend; on CPU: ViT-S for part 1 and small batches, backend ``sdpa``
+for part 2 (``math`` as well in full mode).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from fastlivt.bench.common import Row, device_name, sync, time_fn, unavailable
+from fastlivt.logs import get_logger
+from fastlivt.models.attention import AttentionBackendError, resolve_backend, set_attention_backend
+from fastlivt.models.mae import MaskedAutoencoderViT
+from fastlivt.models.vit import arch_spec
+
+log = get_logger(__name__)
+IMG, PATCH, MASK = 224, 16, 0.75
+DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+
+
+def transformer_flops(tokens: int, dim: int, depth: int) -> float:
+    """Forward FLOPs of ``depth`` pre-norm blocks (mlp 4×) on ``tokens`` tokens: 24·N·D² + 4·N²·D per block."""
+    return depth * (24 * tokens * dim * dim + 4 * tokens * tokens * dim)
+
+
+def predicted_ratio(arch: str, decoder_dim: int = 512, decoder_depth: int = 8) -> float:
+    """(encoder on all tokens + decoder) / (encoder on visible tokens + decoder), by FLOPs; AdamW not counted."""
+    spec = arch_spec(arch)
+    length = (IMG // PATCH) ** 2
+    keep = int(length * (1 - MASK))
+    dec = transformer_flops(length + 1, decoder_dim, decoder_depth)
+    enc = lambda n: transformer_flops(n, spec["embed_dim"], spec["depth"])  # noqa: E731
+    return (enc(length + 1) + dec) / (enc(keep + 1) + dec)
+
+
+def autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def measure_pair(fns: Dict[bool, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+                 ) -> Dict[bool, Optional[Dict[str, float]]]:
+    """Time two variants *alternately* (A B A B ...), so background load drifts hit both alike.
+
+    Returns per variant the median/spread in ms and, on CUDA, the peak memory of one call in GB; ``None`` for a
+    variant that ran out of CUDA memory.
+    """
+    times: Dict[bool, List[float]] = {k: [] for k in fns}
+    alive = dict.fromkeys(fns, True)
+    out: Dict[bool, Optional[Dict[str, float]]] = {}
+    for i in range(warmup + repeats):
+        for key, fn in fns.items():
+            if not alive[key]:
+                continue
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+            except torch.cuda.OutOfMemoryError:
+                alive[key] = False
+                torch.cuda.empty_cache()
+                continue
+            if i >= warmup:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    for key, fn in fns.items():
+        if not alive[key]:
+            out[key] = None
+            continue
+        ts = times[key]
+        out[key] = {"median": statistics.median(ts), "spread": (max(ts) - min(ts)) / 2, "min": min(ts)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            sync(device)
+            out[key]["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def build(arch: str, device: torch.device) -> MaskedAutoencoderViT:
+    torch.manual_seed(0)
+    return MaskedAutoencoderViT(img_size=IMG, patch_size=PATCH, **arch_spec(arch), **DECODER).to(device)
+
+
+def usable_backends(device: torch.device, wanted: List[str], name: str, shape: str, rows: List[Row]) -> List[str]:
+    ok = []
+    for backend in wanted:
+        try:
+            resolve_backend(backend, device)
+            ok.append(backend)
+        except AttentionBackendError as e:
+            rows.append(unavailable("model", name, backend, device, str(e), shape=shape))
+    return ok
+
+
+def encoder_rows(quick: bool, device: torch.device) -> List[Row]:
+    cuda = device.type == "cuda"
+    arch = "vit_base" if cuda else "vit_small"
+    batch = 256 if cuda else (4 if quick else 16)
+    warmup, repeats = (1, 2) if quick else (2, 5)
+    dtype = "bf16" if cuda else "fp32"
+    name = f"encoder fwd+bwd visible-only (mask {MASK}) vs all tokens, {arch}/{PATCH} {IMG}"
+    shape = f"B={batch} L=196 keep={int(196 * (1 - MASK))}"
+    rows: List[Row] = []
+    backends = usable_backends(device, ["sdpa", "math", "xformers"], name, shape, rows)
+    model = build(arch, device).train()
+    imgs = torch.randn(batch, 3, IMG, IMG, device=device)
+    for backend in backends:
+        set_attention_backend(model, backend)
+
+        def step(visible_only: bool) -> Callable[[], None]:
+            def fn():
+                with autocast(device):
+                    latent, _, _ = model.forward_encoder(imgs, MASK, visible_only=visible_only)
+                latent.float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+            return fn
+
+        times = measure_pair({True: step(True), False: step(False)}, device, warmup, repeats)
+        if times[True] is None or times[False] is None:
+            rows.append(unavailable("model", name, backend, device, f"out of memory at batch {batch}", shape=shape))
+            continue
+        vis, full = times[True], times[False]
+        extra = {"all_tokens_ms": full["median"], "img_per_s": batch / (vis["median"] * 1e-3)}
+        if cuda:
+            extra.update(peak_mem_gb=vis["peak_mem_gb"], all_tokens_peak_mem_gb=full["peak_mem_gb"])
+        rows.append(Row(part="model", name=name, backend=backend, device=device_name(device), shape=shape, dtype=dtype,
+                        unit="ms", median=vis["median"], spread=vis["spread"], repeats=repeats,
+                        baseline="same encoder on all tokens", ratio=full["median"] / vis["median"], extra=extra))
+    del model
+    return rows
+
+
+def mgp_step_rows(arch: str, quick: bool, device: torch.device, backends: List[str]) -> List[Row]:
+    cuda = device.type == "cuda"
+    batch = (128 if arch == "vit_large" else 256) if cuda else (2 if quick else (4 if arch == "vit_large" else 8))
+    warmup, repeats = (1, 2) if quick else (2, 5 if cuda else 3)
+    dtype = "bf16" if cuda else "fp32"
+    name = f"MGP step (encoder + decoder 8x512 + loss + AdamW) visible-only vs all tokens, {arch}/{PATCH} {IMG}"
+    shape = f"B={batch}"
+    rows: List[Row] = []
+    backends = usable_backends(device, backends, name, shape, rows)
+    model = build(arch, device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=cuda or None)
+    imgs = torch.randn(batch, 3, IMG, IMG, device=device)
+    for backend in backends:
+        set_attention_backend(model, backend)
+
+        def step(visible_only: bool) -> Callable[[], None]:
+            def fn():
+                with autocast(device):
+                    loss, _, _ = model(imgs, MASK, visible_only=visible_only)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return fn
+
+        times = measure_pair({True: step(True), False: step(False)}, device, warmup, repeats)
+        opt.zero_grad(set_to_none=True)
+        vis, full = times[True], times[False]
+        if vis is None:
+            rows.append(unavailable("model", name, backend, device, f"out of memory at batch {batch}", shape=shape))
+            continue
+        extra = {"predicted_ratio": predicted_ratio(arch), "img_per_s": batch / (vis["median"] * 1e-3)}
+        if full is not None:
+            extra["all_tokens_ms"] = full["median"]
+            extra["all_tokens_img_per_s"] = batch / (full["median"] * 1e-3)
+        if cuda:
+            extra["peak_mem_gb"] = vis["peak_mem_gb"]
+            if full is not None:
+                extra["all_tokens_peak_mem_gb"] = full["peak_mem_gb"]
+        if not quick:
+            try:
+                extra.update(breakdown(model, opt, imgs, device, warmup, repeats))
+            except torch.cuda.OutOfMemoryError:
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                extra["breakdown"] = "out of memory"
+        rows.append(Row(part="model", name=name, backend=backend, device=device_name(device), shape=shape, dtype=dtype,
+                        unit="ms", median=vis["median"], spread=vis["spread"], repeats=repeats,
+                        baseline="same step, encoder on all tokens", ratio=(full["median"] / vis["median"])
+                        if full else None, extra=extra if full else {**extra, "all_tokens": "out of memory"}))
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def breakdown(model: MaskedAutoencoderViT, opt: torch.optim.Optimizer, imgs: torch.Tensor, device: torch.device,
+              warmup: int, repeats: int) -> Dict[str, float]:
+    """Where one visible-only step spends its time: encoder fwd+bwd, decoder+loss fwd+bwd, AdamW step (ms each)."""
+    out: Dict[str, float] = {}
+    with torch.no_grad(), autocast(device):
+        latent_vis, mask, ids_restore = model.forward_encoder(imgs, MASK)
+
+    def encoder(visible_only: bool) -> Callable[[], None]:
+        def fn():
+            with autocast(device):
+                latent, _, _ = model.forward_encoder(imgs, MASK, visible_only=visible_only)
+            latent.float().square().mean().backward()
+            model.zero_grad(set_to_none=True)
+        return fn
+
+    def decoder():
+        with autocast(device):
+            pred = model.forward_decoder(latent_vis.detach(), ids_restore)
+            loss = model.forward_loss(imgs, pred, mask)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    out["encoder_visible_ms"] = time_fn(encoder(True), device, warmup, repeats)[0]
+    out["encoder_all_ms"] = time_fn(encoder(False), device, warmup, repeats)[0]
+    out["decoder_loss_ms"] = time_fn(decoder, device, warmup, repeats)[0]
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    out["adamw_ms"] = time_fn(opt.step, device, warmup, repeats)[0]
+    opt.zero_grad(set_to_none=True)
+    return out
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    rows = encoder_rows(quick, device)
+    cuda = device.type == "cuda"
+    archs = ["vit_small", "vit_base"] if quick else ["vit_small", "vit_base", "vit_large"]
+    if quick:
+        log.info("bench model (quick): ViT-L MGP step skipped; run without --quick for it")
+    backends = ["xformers", "sdpa", "math"] if cuda else (["sdpa"] if quick else ["sdpa", "math"])
+    for arch in archs:
+        rows += mgp_step_rows(arch, quick, device, backends)
+    if cuda:
+        rows += throughput_rows(rows)
+    return rows
+
+
+def throughput_rows(rows: List[Row]) -> List[Row]:
+    """ViT-B/16 224 MGP images/s per backend, as rows of their own with ``math`` as the baseline."""
+    picked = [r for r in rows if r.name.startswith("MGP step") and "vit_base" in r.name and r.median]
+    base = next((r.extra["img_per_s"] for r in picked if r.backend == "math"), None)
+    out = []
+    for r in picked:
+        ips = r.extra["img_per_s"]
+        out.append(Row(part="model", name="MGP step images/s, vit_base/16 224, visible-only", backend=r.backend,
+                       device=r.device, shape=r.shape, dtype=r.dtype, unit="img/s", median=ips,
+                       spread=ips * r.spread / r.median if r.spread else None, repeats=r.repeats, baseline="math",
+                       ratio=ips / base if base else None, extra={"peak_mem_gb": r.extra.get("peak_mem_gb")}))
+    return out

@@ -1,0 +1,133 @@
+"""What a checkpoint remembers besides the weights, and the safetensors exports.
+
+A training checkpoint is written by the runtime (``Runtime.save``: model + optimizer, atomically) with a ``meta``
+dict built here, holding everything else an exact resume needs:
+
+    epoch            the epoch the run was in (or the next one, at an epoch end)
+    batch_in_epoch   micro-batches of that epoch already consumed (the loader skips them on resume)
+    step             optimizer steps taken so far (the schedule's input)
+    sampler          the loader's sampler state: seed, epoch, order kind (the data order is re-created from them)
+    rng              python / numpy / torch (and CUDA) generator states at that moment
+    schedule         the lr schedule's parameters (a resume with another schedule is refused)
+    config           the whole TrainConfig as a dict
+    manifest_sha256  hash of the training manifest (a resume on other data is refused)
+    extra            task state: best metric, EMA weights, ...
+
+Checkpoints live in ``<run.out>/checkpoints``: tag ``last`` (every N steps and each epoch end) and ``best`` (BFT).
+Exports (``encoder.safetensors``, ``model.safetensors``) are written to a temporary name and renamed; their metadata
+holds the config (JSON) so ``fastlivt evaluate`` can rebuild the model from the file alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from fastlivt.logs import get_logger
+
+log = get_logger(__name__)
+
+CKPT_DIR = "checkpoints"
+
+
+# --------------------------------------------------------------------------------------------------- RNG
+def capture_rng() -> Dict[str, Any]:
+    """The state of every random generator the training step may draw from (this process)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------------- meta
+def build_meta(*, epoch: int, batch_in_epoch: int, step: int, sampler: Dict[str, Any], schedule: Dict[str, Any],
+               config: Dict[str, Any], manifest_sha256: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    return {
+        "epoch": int(epoch),
+        "batch_in_epoch": int(batch_in_epoch),
+        "step": int(step),
+        "sampler": dict(sampler),
+        "rng": capture_rng(),
+        "schedule": dict(schedule),
+        "config": config,
+        "manifest_sha256": manifest_sha256,
+        "extra": dict(extra or {}),
+    }
+
+
+def has_checkpoint(directory: str | Path, tag: str) -> bool:
+    """Whether ``tag`` exists in either runtime's layout (``<tag>.pt`` file or DeepSpeed ``<tag>/`` directory)."""
+    d = Path(directory)
+    return (d / f"{tag}.pt").is_file() or (d / tag).is_dir()
+
+
+def check_meta(meta: Dict[str, Any], where: str, manifest_sha256: str) -> None:
+    """Refuse a resume whose checkpoint is incomplete or was taken on another training set."""
+    for key in ("epoch", "batch_in_epoch", "step", "sampler", "rng", "schedule", "config", "manifest_sha256"):
+        if key not in meta:
+            raise ValueError(f"{where}: checkpoint meta lacks {key!r}; it was not written by this engine")
+    if meta["manifest_sha256"] != manifest_sha256:
+        raise ValueError(f"{where}: the checkpoint was trained on data with manifest sha256 {meta['manifest_sha256'][:12]}…, "
+                         f"the configured training data has {manifest_sha256[:12]}…")
+
+
+# --------------------------------------------------------------------------------------------------- exports
+def save_safetensors(state: Dict[str, torch.Tensor], path: str | Path, metadata: Dict[str, Any]) -> Path:
+    """Write ``state`` (contiguous CPU tensors) to ``path`` via a temporary name; ``metadata`` values are JSON-encoded."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    log.info("exported %d tensors to %s", len(tensors), path)
+    return path
+
+
+def read_safetensors(path: str | Path) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """(tensors, metadata with JSON values decoded) of an export."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"export not found: {path}")
+    tensors: Dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = f.metadata() or {}
+        for k in f.keys():
+            tensors[k] = f.get_tensor(k)
+    meta: Dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta

@@ -1,0 +1,187 @@
+"""Plain PyTorch runtime: one process, or ``torchrun`` DDP (nccl on CUDA, gloo on CPU), with DeepSpeed's semantics.
+
+The loop calls, per micro-batch: ``with rt.autocast(): loss = f(model, batch)``, ``rt.backward(loss)``, ``rt.step()``.
+Like DeepSpeed's engine, the runtime divides the loss by the accumulation steps itself, and ``step`` only clips,
+steps AdamW and zeroes the gradients at an accumulation boundary (returning True then). Under DDP, micro-batches that
+do not end a cycle run under ``no_sync()`` — entered in :meth:`autocast`, because DDP decides at forward time whether
+the following backward all-reduces.
+
+Checkpoints are one file ``directory/<tag>.pt`` holding model, optimizer, the runtime's counters and ``meta``, written
+to a temporary name and renamed by rank 0 only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, ContextManager, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastlivt.config import ConfigError, TrainConfig
+from fastlivt.engine.runtime import Runtime
+from fastlivt.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def checkpoint_file(directory: str | Path, tag: str) -> Path:
+    """Where :class:`TorchRuntime` keeps checkpoint ``tag``."""
+    return Path(directory) / f"{tag}.pt"
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, flush to disk, then rename: ``path`` is either the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def resolve_device(want: str, local_rank: int) -> torch.device:
+    """``run.device`` (auto | cpu | cuda) as a device; asking for CUDA without one is an error."""
+    if want not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {want!r}")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but torch sees no CUDA device")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+class TorchRuntime(Runtime):
+    """Holds ``model`` (maybe DDP-wrapped), the AdamW ``optimizer``, the device, and the counters ``micro_steps``
+    (backward calls so far) and ``global_steps`` (optimizer steps so far)."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(cfg.run.device, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+            log.info("DDP: rank %d/%d, backend %s", self.rank, self.world, backend)
+        if cfg.run.amp not in ("bf16", "fp32"):
+            raise ConfigError(f"run.amp: expected bf16 or fp32, got {cfg.run.amp!r}")
+        self.bf16 = cfg.run.amp == "bf16" and self.device.type == "cuda"
+        if cfg.run.amp == "bf16" and not self.bf16:
+            log.info("bf16 autocast off: run.amp=bf16 applies on CUDA only; training in fp32 on %s", self.device)
+        if cfg.optim.accum_iter < 1:
+            raise ConfigError(f"optim.accum_iter must be >= 1, got {cfg.optim.accum_iter}")
+        self.accum_steps = cfg.optim.accum_iter
+        self.clip_grad: Optional[float] = cfg.optim.clip_grad
+        self.grad_checkpointing = cfg.model.grad_checkpointing
+        self.model: Optional[nn.Module] = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self.micro_steps = 0
+        self.global_steps = 0
+        self.last_grad_norm: Optional[float] = None
+
+    # ----------------------------------------------------------------------------------------------- training
+    def prepare(self, model: nn.Module, param_groups: List[Dict[str, Any]], lr: float, betas, weight_decay: float) -> nn.Module:
+        if self.grad_checkpointing:
+            if not hasattr(model, "set_grad_checkpointing"):
+                raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
+            model.set_grad_checkpointing(True)
+        model.to(self.device)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self._optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        return model
+
+    def _ends_cycle(self) -> bool:
+        """Whether the micro-batch about to run (or just run, before :meth:`step`) ends an accumulation cycle."""
+        return (self.micro_steps + 1) % self.accum_steps == 0
+
+    def autocast(self) -> ContextManager:
+        """The forward context of one micro-batch: bf16 autocast on CUDA, and DDP ``no_sync`` inside a cycle."""
+        stack = contextlib.ExitStack()
+        if self.bf16:
+            stack.enter_context(torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+        if isinstance(self.model, DistributedDataParallel) and not self._ends_cycle():
+            stack.enter_context(self.model.no_sync())
+        return stack
+
+    def backward(self, loss: torch.Tensor) -> None:
+        sync = contextlib.nullcontext()
+        if isinstance(self.model, DistributedDataParallel) and not self._ends_cycle():
+            sync = self.model.no_sync()
+        with sync:
+            (loss / self.accum_steps).backward()
+
+    def step(self) -> bool:
+        boundary = self._ends_cycle()
+        self.micro_steps += 1
+        if not boundary:
+            return False
+        if self.clip_grad is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        return True
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            raise RuntimeError("TorchRuntime.prepare() has not been called")
+        return self._optimizer
+
+    def unwrap(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError("TorchRuntime.prepare() has not been called")
+        return self.model.module if isinstance(self.model, DistributedDataParallel) else self.model
+
+    # ----------------------------------------------------------------------------------------------- checkpoints
+    def save(self, directory: str, tag: str, meta: Dict[str, Any]) -> None:
+        """Rank 0 writes ``directory/<tag>.pt`` atomically; every rank must call it (it ends in a barrier)."""
+        if self.micro_steps % self.accum_steps != 0:
+            raise RuntimeError(f"checkpoint requested inside an accumulation cycle (micro step {self.micro_steps}, "
+                               f"accumulation {self.accum_steps}): gradients in flight would be lost")
+        if self.is_main:
+            state = {
+                "model": self.unwrap().state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "runtime": {"micro_steps": self.micro_steps, "global_steps": self.global_steps, "world": self.world},
+                "meta": meta,
+            }
+            atomic_torch_save(state, checkpoint_file(directory, tag))
+        self.barrier()
+
+    def load(self, directory: str, tag: str) -> Dict[str, Any]:
+        path = checkpoint_file(directory, tag)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        for key in ("model", "optimizer", "runtime", "meta"):
+            if key not in state:
+                raise ValueError(f"{path}: not a fastlivt checkpoint (no {key!r} entry)")
+        self.unwrap().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.micro_steps = int(state["runtime"]["micro_steps"])
+        self.global_steps = int(state["runtime"]["global_steps"])
+        return state["meta"]
+
+    def full_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The bare model's state on CPU, floating tensors in fp32 (every rank gets it; no communication needed)."""
+        out = {}
+        for k, v in self.unwrap().state_dict().items():
+            v = v.detach().cpu()
+            out[k] = (v.float() if v.is_floating_point() else v).clone()
+        return out

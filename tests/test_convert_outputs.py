@@ -1,0 +1,104 @@
+"""FFCV jpg/proportion modes and resizing, the kill-safety of the outputs, and --verify."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from convert_testdata import check_outputs, make_files, read_beton, read_shards
+from data_prep.cli import main
+from fastlivt.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+FINAL = re.compile(r"^(train\.beton|train-\d{5}\.(tar|idx)|labels\.npy|manifest\.json)$")
+
+
+def test_jpg_mode_resized_to_max_resolution(tmp_path):
+    items = make_files(tmp_path / "raw", [4, 4], size=(90, 120))
+    rc = main(["imagefolder", "--root", str(tmp_path / "raw"), "--formats", "ffcv,dali", "--out", str(tmp_path / "o"),
+               "--write-mode", "jpg", "--max-resolution", "64", "--jpeg-quality", "90", "--workers", "2",
+               "--shard-size", "3", "--no-progress"])
+    assert rc == 0
+    m = check_outputs(tmp_path / "o", [(y, px) for _, y, px in items], exact=False, jpeg_tol=6.0)
+    assert m["image"] == {"write_mode": "jpg", "max_resolution": 64, "jpeg_quality": 90}
+    rows, labels = read_beton(tmp_path / "o" / "train.beton")
+    assert rows.shape == (8, 48, 64, 3)
+    # every written row is, within JPEG error, one reference image shrunk with INTER_AREA, with its label
+    refs = [(y, cv2.resize(px, (64, 48), interpolation=cv2.INTER_AREA).astype(np.int16)) for _, y, px in items]
+    used = set()
+    for row, y in zip(rows.astype(np.int16), labels):
+        errs = [np.abs(row - ref).mean() if ry == y else np.inf for ry, ref in refs]
+        best = int(np.argmin(errs))
+        assert errs[best] < 3.0 and best not in used
+        used.add(best)
+
+
+def test_proportion_mode_is_mixed_and_deterministic(tmp_path):
+    from ffcv.reader import Reader
+
+    items = make_files(tmp_path / "raw", [20, 20], size=(16, 16))
+    modes = []
+    for run in ("a", "b"):
+        rc = main(["imagefolder", "--root", str(tmp_path / "raw"), "--formats", "ffcv", "--out", str(tmp_path / run),
+                   "--write-mode", "proportion", "--compress-probability", "0.5", "--workers", "2", "--no-progress"])
+        assert rc == 0
+        modes.append(Reader(str(tmp_path / run / "train.beton")).metadata["f0"]["mode"].copy())
+    assert 0 < modes[0].sum() < len(modes[0])  # some rows raw (1), some jpg (0)
+    assert np.array_equal(modes[0], modes[1])
+    rows, labels = read_beton(tmp_path / "a" / "train.beton")
+    assert len(rows) == 40 and np.array_equal(labels, np.load(tmp_path / "a" / "labels.npy"))
+
+
+@pytest.mark.slow
+def test_killed_conversion_leaves_nothing_finished(tmp_path):
+    make_files(tmp_path / "raw", [60, 60], size=(128, 128))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", "imagefolder", "--root", str(tmp_path / "raw"), "--out", str(out),
+           "--formats", "ffcv,dali", "--shard-size", "5", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if out.is_dir() and any(".tar" in p.name for p in out.iterdir()):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "conversion ended before a shard appeared"
+        os.killpg(proc.pid, signal.SIGKILL)  # the converter and the pool it started (its own session)
+    finally:
+        proc.wait(timeout=30)
+    left = sorted(p.name for p in out.iterdir())
+    assert any(name.endswith(".tmp") for name in left), left  # it was killed midway
+    assert not [name for name in left if FINAL.match(name)], left  # nothing that looks finished
+    # a new run over the leftovers completes, verifies, and cleans them up
+    assert main(cmd[3:] + ["--workers", "2"]) == 0
+    assert main(["--verify", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if not FINAL.match(p.name)) == []
+
+
+def test_verify_detects_a_flipped_byte(tmp_path, capsys):
+    make_files(tmp_path / "raw", [3, 3], size=(16, 16))
+    out = tmp_path / "o"
+    assert main(["imagefolder", "--root", str(tmp_path / "raw"), "--formats", "ffcv,dali", "--out", str(out),
+                 "--shard-size", "2", "--workers", "0", "--no-progress"]) == 0
+    m = load_manifest(out)  # the shared contract reads it
+    assert m.num_samples == 6 and m.labels().tolist() == np.load(out / "labels.npy").tolist()
+    assert main(["--verify", str(out)]) == 0
+    assert "all 8 files match" in capsys.readouterr().out
+    for name in ("train-00001.tar", "train.beton", "labels.npy"):
+        data = bytearray((out / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (out / name).write_bytes(bytes(data))
+        assert main(["--verify", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{name}: differs" in err and err.count("differs") == 1
+        data[len(data) // 2] ^= 0x01
+        (out / name).write_bytes(bytes(data))
+    (out / "train-00002.idx").unlink()
+    assert main(["--verify", str(out)]) == 1
+    assert "train-00002.idx: missing" in capsys.readouterr().err

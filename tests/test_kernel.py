@@ -1,0 +1,207 @@
+"""The fused Balanced-BCE Triton kernel against a float64 PyTorch reference (CPU: Triton interpreter; GPU: marked cuda).
+
+Errors are norm-wise relative errors ‖a − b‖ / ‖b‖ of the loss and of the whole gradient. Inputs of the reference
+are the very logits the kernel sees (a bf16 input is upcast exactly), so only the kernel's arithmetic is measured.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.bal_bce import bal_bce, bal_bce_forward, interpreter_enabled, kernel_available
+from kernels.reference import bal_bce_reference, soft_target
+
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-9}
+
+needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+def make(n: int, c: int, dtype: torch.dtype, seed: int = 0, scale: float = 3.0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    logits = (scale * torch.randn(n, c, generator=g)).to(dtype)
+    bias = 4.0 * torch.randn(c, generator=g)
+    la = torch.randint(0, c, (n,), generator=g)
+    lb = torch.randint(0, c, (n,), generator=g)
+    return logits.to(device), bias.to(device), la.to(device), lb.to(device)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c", [(1, 8142), (3, 8142), (7, 5), (33, 1000), (5, 365)])
+def test_compact_target_matches_float64_reference(dtype, n, c):
+    logits, bias, la, lb = make(n, c, dtype, seed=n + c)
+    loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.7, smoothing=0.1)
+    ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.7, 0.1, c))
+    assert loss.dtype == torch.float32 and grad.dtype == dtype and grad.shape == (n, c)
+    assert rel(loss, ref_loss) <= TOL[dtype]
+    assert rel(grad, ref_grad) <= TOL[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_target_matches_reference_and_small_blocks_cover_tails(dtype):
+    # tiles of 2 rows x 64 classes over 7 x 150: several chunks per row, partial last chunk and last tile
+    n, c = 7, 150
+    logits, bias, la, lb = make(n, c, dtype, seed=3)
+    target = torch.rand(n, c, generator=torch.Generator().manual_seed(9))
+    for config in [None, (2, 64, 4)]:
+        loss, grad = bal_bce_forward(logits, bias, target=target, config=config)
+        ref_loss, ref_grad = bal_bce_reference(logits, bias, target)
+        assert rel(loss, ref_loss) <= TOL[dtype] and rel(grad, ref_grad) <= TOL[dtype]
+
+
+@needs_kernel
+@pytest.mark.parametrize("config", [None, (2, 64, 4)])
+def test_every_gradient_element_is_written(config):
+    n, c = 9, 200
+    logits, bias, la, lb = make(n, c, torch.float32, seed=4)
+    poisoned = torch.full((n, c), float("nan"))
+    _, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.4, smoothing=0.2, grad_out=poisoned, config=config)
+    assert grad.data_ptr() == poisoned.data_ptr()
+    assert torch.isfinite(grad).all()
+    _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.4, 0.2, c))
+    assert rel(grad, ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_gradcheck_float64_through_autograd_function():
+    logits, bias, la, lb = make(3, 6, torch.float64, seed=5, scale=2.0)
+    z = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: bal_bce(x, bias, label_a=la, label_b=lb, lam=0.6, smoothing=0.1), (z,))
+    target = torch.rand(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.autograd.gradcheck(lambda x: bal_bce(x, bias, target=target), (z,))
+
+
+@needs_kernel
+def test_float64_kernel_matches_reference_tightly():
+    logits, bias, la, lb = make(4, 300, torch.float64, seed=6)
+    target = torch.rand(4, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    loss, grad = bal_bce_forward(logits, bias, target=target)
+    ref_loss, ref_grad = bal_bce_reference(logits, bias, target)
+    assert loss.dtype == torch.float64
+    assert rel(loss, ref_loss) <= 1e-12 and rel(grad, ref_grad) <= 1e-12
+
+
+@needs_kernel
+def test_backward_scales_by_incoming_gradient_and_survives_retain_graph():
+    logits, bias, la, lb = make(6, 40, torch.float32, seed=7)
+    _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, la, 1.0, 0.0, 40))
+    z = logits.clone().requires_grad_(True)
+    loss = bal_bce(z, bias, label_a=la)
+    (g1,) = torch.autograd.grad(2.5 * loss, z, retain_graph=True)  # grad_output 2.5: the scaling kernel runs
+    (g2,) = torch.autograd.grad(loss, z)  # second backward through the retained graph: recomputed
+    assert rel(g1, 2.5 * ref_grad) <= 1e-6
+    assert rel(g2, ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_extreme_priors_stay_finite():
+    from fastlivt.losses import logit_bias
+
+    # iNat18-like: 8,142 classes, 437,513 images, the rarest class has 1 image (pi = 1/437,513)
+    c = 8142
+    counts = [1] + [437_512 // (c - 1)] * (c - 1)
+    counts[1] += 437_512 - sum(counts[1:])
+    assert sum(counts) == 437_513
+    bias = logit_bias(counts, "bal_bce")
+    logits = torch.cat([torch.full((1, c), 60.0), torch.full((1, c), -60.0), 5 * torch.randn(1, c)]).to(torch.bfloat16)
+    labels = torch.tensor([0, 1, 2])
+    loss, grad = bal_bce_forward(logits, bias, label_a=labels, label_b=labels.flip(0), lam=0.5, smoothing=0.1)
+    assert math.isfinite(loss.item()) and torch.isfinite(grad).all()
+    # two classes, 99.9 % in one: pi = 0.999 and 0.001
+    bias2 = logit_bias([999, 1], "bal_bce")
+    logits2 = torch.tensor([[1e4, -1e4], [-1e4, 1e4], [0.0, 0.0]])
+    loss2, grad2 = bal_bce_forward(logits2, bias2, label_a=torch.tensor([0, 1, 1]))
+    ref_loss2, ref_grad2 = bal_bce_reference(logits2, bias2, soft_target(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 1]), 1.0, 0.0, 2))
+    assert math.isfinite(loss2.item()) and torch.isfinite(grad2).all()
+    assert rel(loss2, ref_loss2) <= 1e-6 and rel(grad2, ref_grad2) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("margin", [0.01, 5.0, 20.0, 80.0])
+def test_confident_logits_keep_relative_accuracy(margin):
+    # every per-element loss and gradient is tiny (e^-margin): no cancellation in log1p or in sigmoid(x) - y
+    n, c = 16, 300
+    la = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(11))
+    z = torch.full((n, c), -margin) + 0.3 * torch.rand(n, c, generator=torch.Generator().manual_seed(12))
+    z[torch.arange(n), la] += 2 * margin
+    loss, grad = bal_bce_forward(z, None, label_a=la)
+    ref_loss, ref_grad = bal_bce_reference(z, None, soft_target(la, la, 1.0, 0.0, c))
+    assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_compact_equals_dense_equals_timm_mixup_target():
+    from timm.data.mixup import mixup_target
+
+    from fastlivt.targets import MixTarget
+
+    n, c, lam, s = 8, 100, 0.35, 0.1
+    logits, bias, la, _ = make(n, c, torch.float32, seed=8)
+    timm_y = mixup_target(la, c, lam=lam, smoothing=s)  # timm mixes each sample with the flipped batch
+    mix = MixTarget(la, la.flip(0), lam, s)
+    assert torch.equal(mix.dense(c), timm_y)
+    loss_c, grad_c = bal_bce_forward(logits, bias, label_a=mix.label_a, label_b=mix.label_b, lam=lam, smoothing=s)
+    loss_d, grad_d = bal_bce_forward(logits, bias, target=timm_y)
+    assert rel(loss_c, loss_d) <= 1e-7 and rel(grad_c, grad_d) <= 1e-7
+
+
+@needs_kernel
+def test_out_of_range_label_makes_the_loss_nan():
+    logits, bias, la, _ = make(4, 10, torch.float32, seed=10)
+    la[2] = 10
+    loss, _ = bal_bce_forward(logits, bias, label_a=la, label_b=la)
+    assert math.isnan(loss.item())
+
+
+@needs_kernel
+def test_bad_inputs_are_named():
+    logits, bias, la, _ = make(4, 10, torch.float32)
+    with pytest.raises(ValueError, match="bias has shape"):
+        bal_bce_forward(logits, bias[:5], label_a=la, label_b=la)
+    with pytest.raises(ValueError, match="label_a must be"):
+        bal_bce_forward(logits, bias, label_a=la[:3], label_b=la)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        bal_bce_forward(logits[0], bias, label_a=la, label_b=la)
+    with pytest.raises(ValueError, match="lam"):
+        bal_bce_forward(logits, bias, label_a=la, label_b=la, lam=1.5)
+
+
+def test_kernel_availability_reasons(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, why = kernel_available(torch.device("cpu"))
+    assert not ok and "TRITON_INTERPRET" in why
+    with pytest.raises(RuntimeError, match="fused='torch'"):
+        bal_bce_forward(torch.zeros(2, 3), label_a=torch.zeros(2, dtype=torch.long), label_b=torch.zeros(2, dtype=torch.long))
+    assert kernel_available(torch.device("cuda"))[0]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel_available(torch.device("cpu"))[0]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,c", [(1024, 8142), (1, 8142), (1000, 365), (37, 1000)])
+def test_cuda_kernel_matches_float64_reference(dtype, n, c):
+    logits, bias, la, lb = make(n, c, dtype, seed=n + c, device="cuda")
+    poisoned = torch.full((n, c), float("nan"), dtype=dtype, device="cuda")
+    loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.7, smoothing=0.1, grad_out=poisoned)
+    ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.7, 0.1, c))
+    assert torch.isfinite(grad).all()
+    assert rel(loss, ref_loss) <= TOL[dtype] and rel(grad, ref_grad) <= TOL[dtype]
+    z = logits.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(3.0 * bal_bce(z, bias, label_a=la, label_b=lb, lam=0.7, smoothing=0.1), z)
+    assert rel(g, 3.0 * ref_grad) <= TOL[dtype]
+
+
+@pytest.mark.cuda
+def test_cuda_gradcheck_float64():
+    logits, bias, la, lb = make(3, 6, torch.float64, seed=5, scale=2.0, device="cuda")
+    z = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: bal_bce(x, bias, label_a=la, label_b=lb, lam=0.6, smoothing=0.1), (z,))
