@@ -47,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="dataset root (list/JSON paths are relative to it)")
     p.add_argument("--list", help="list file of 'relpath label' lines (list) or the iNat JSON (inat)")
     p.add_argument("--split", choices=["train", "val", "test"])
-    p.add_argument("--imbalance-factor", type=_optional_float, default=UNSET, help="G: keep int(n_max*(1/G)^(c/(C-1))) of class c")
+    p.add_argument("--imbalance-factor", type=_optional_float, default=UNSET,
+                   help="G: keep int(n_max*(1/G)^(c/(C-1))) of class c (none: keep all)")
     p.add_argument("--seed", type=int, help="long-tail subset and write order (default 0)")
     p.add_argument("--formats", type=lambda s: [f.strip() for f in s.split(",") if f.strip()], help="ffcv,dali")
     p.add_argument("--out", help="output directory (one per split)")
     p.add_argument("--on-error", choices=["skip", "fail"], help="bad input: skip and record it, or stop")
-    p.add_argument("--max-resolution", type=_optional_int, default=UNSET, help="longest side after resizing (none: keep)")
+    p.add_argument("--max-resolution", type=_optional_int, default=UNSET,
+                   help="longest side after resizing (none: keep)")
     p.add_argument("--jpeg-quality", type=int)
     p.add_argument("--write-mode", choices=["jpg", "raw", "proportion"], help="FFCV image write mode")
     p.add_argument("--compress-probability", type=float, help="FFCV 'proportion' mode: share written as JPEG")

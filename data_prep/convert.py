@@ -122,16 +122,61 @@ def _listing_order(source: Source, cfg: ConvertConfig, skips: _Skips) -> Tuple[n
     return order, factor
 
 
+@dataclass
+class _Written:
+    """What the decode pass wrote, per written sample: label, pixel shape, and where its pixels were staged."""
+
+    labels: List[int] = field(default_factory=list)
+    shapes: List[Tuple[int, int]] = field(default_factory=list)
+    stage_ids: List[int] = field(default_factory=list)  # index into stage_files
+    offsets: List[int] = field(default_factory=list)  # byte offset in that file
+    stage_files: Dict[str, int] = field(default_factory=dict)  # staging file name -> id (insertion order = id)
+
+
+def _decode_pass(job: DecodeJob, order: np.ndarray, cfg: ConvertConfig, skips: _Skips, shards: Optional[ShardWriter],
+                 progress: bool) -> _Written:
+    """Decode the listed samples ``order`` once each; stream the good ones, numbered in order, into the shards."""
+    from tqdm import tqdm
+
+    written = _Written()
+    bar = tqdm(total=len(order), unit="img", desc=f"convert {cfg.source}/{cfg.split}", disable=not progress)
+    with contextlib.closing(decode_all(job, order, cfg.workers)) as results, bar:
+        for i, reason, jpeg, shape, staged, offset in results:
+            bar.update()
+            if reason is not None:
+                skips.add(job.source.names[i], reason)
+                continue
+            y = int(job.source.labels[i])
+            if shards is not None:
+                shards.add(len(written.labels), jpeg, y)
+            written.labels.append(y)
+            written.shapes.append(shape)
+            if job.staging_dir is not None:
+                written.stage_ids.append(written.stage_files.setdefault(staged, len(written.stage_files)))
+                written.offsets.append(offset)
+    return written
+
+
 def _hash_all(paths: List[Path], workers: int) -> Dict[str, Dict[str, object]]:
     with ThreadPoolExecutor(max(1, min(8, workers or 1))) as ex:
         digests = list(ex.map(sha256_file, paths))
     return {p.name: {"bytes": p.stat().st_size, "sha256": d} for p, d in zip(paths, digests)}
 
 
+def _import_ffcv() -> None:
+    """Import FFCV once, before the decode pool forks. Importing FFCV sets torch's thread count to 1; that is put
+    back, so that a caller converting and then training in one process keeps its threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    from ffcv.fields import rgb_image  # noqa: F401
+
+    torch.set_num_threads(threads)
+
+
 def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
     """Run one conversion described by ``cfg``; return the manifest written to ``cfg.out``."""
-    from ffcv.fields import rgb_image  # noqa: F401  (import FFCV once here, before the decode pool forks)
-    from tqdm import tqdm
+    _import_ffcv()
 
     check_config(cfg)
     started = time.perf_counter()
@@ -150,43 +195,26 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
     temporaries: List[Tuple[Path, Path]] = []
     try:
         job = DecodeJob(source, cfg.max_resolution, cfg.jpeg_quality, want_dali, str(staging) if staging else None)
-        labels: List[int] = []
-        shapes: List[Tuple[int, int]] = []
-        stage_ids: List[int] = []
-        offsets: List[int] = []
-        stage_files: Dict[str, int] = {}
-        bar = tqdm(total=len(order), unit="img", desc=f"convert {cfg.source}/{cfg.split}", disable=not progress)
-        with contextlib.closing(decode_all(job, order, cfg.workers)) as results, bar:
-            for i, reason, jpeg, shape, staged, offset in results:
-                bar.update()
-                if reason is not None:
-                    skips.add(source.names[i], reason)
-                    continue
-                y = int(source.labels[i])
-                if shards is not None:
-                    shards.add(len(labels), jpeg, y)
-                labels.append(y)
-                shapes.append(shape)
-                if staging is not None:
-                    stage_ids.append(stage_files.setdefault(staged, len(stage_files)))
-                    offsets.append(offset)
+        written = _decode_pass(job, order, cfg, skips, shards, progress)
         log.info("decoded %d images in %.1f s", len(order), time.perf_counter() - started)
+        labels = written.labels
         if not labels:
             raise ConversionError(f"{cfg.root}: no valid images to write ({len(skips.items)} skipped)")
         counts = np.bincount(np.asarray(labels), minlength=source.num_classes)
         reported = {s["path"] for s in skips.items}
         for c in np.flatnonzero(counts == 0):
             if source.class_path(int(c)) not in reported:
-                skips.add(source.class_path(int(c)), f"class {c} ({source.class_names[c]}) is empty: all its images were skipped")
+                skips.add(source.class_path(int(c)),
+                          f"class {c} ({source.class_names[c]}) is empty: all its images were skipped")
 
         label_arr = np.asarray(labels, dtype=np.int64)
         if shards is not None:
             shards.finish()
             temporaries += shards.temporaries
         if staging is not None:
-            files = [str(staging / name) for name, _ in sorted(stage_files.items(), key=lambda kv: kv[1])]
-            dataset = StagedImages(files, np.asarray(stage_ids), np.asarray(offsets, dtype=np.int64),
-                                   np.asarray(shapes, dtype=np.int64), label_arr, cfg.seed,
+            files = [str(staging / name) for name in written.stage_files]
+            dataset = StagedImages(files, np.asarray(written.stage_ids), np.asarray(written.offsets, dtype=np.int64),
+                                   np.asarray(written.shapes, dtype=np.int64), label_arr, cfg.seed,
                                    reseed=cfg.write_mode == "proportion")
             beton = out / beton_name(cfg.split)
             beton_tmp = beton.with_name(beton.name + TMP_SUFFIX)

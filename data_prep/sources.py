@@ -25,7 +25,8 @@ log = get_logger("data_prep.sources")
 SOURCES = ("imagefolder", "list", "inat", "cifar10", "cifar100", "fmnist")
 # File names that count as images in an image folder (torchvision's IMG_EXTENSIONS).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot"]
 
 
 class SourceError(ValueError):
@@ -66,19 +67,17 @@ class Source:
         return f"class {c} ({self.class_names[c]})"
 
 
-def _labels_in_range(kind: str, names: List[str], raw_labels: List[int], num_classes: int, files: List[str],
-                     problems: List[Tuple[str, str]]) -> Tuple[List[str], List[int], List[str]]:
-    """Keep the entries whose label lies in [0, num_classes); record the others as problems."""
-    keep_names, keep_labels, keep_files = [], [], []
-    for i, (name, y) in enumerate(zip(names, raw_labels)):
-        if not 0 <= y < num_classes:
-            problems.append((name, f"label {y} out of range [0, {num_classes})"))
-            continue
-        keep_names.append(name)
-        keep_labels.append(y)
-        if files:
-            keep_files.append(files[i])
-    return keep_names, keep_labels, keep_files
+def _in_range(names: List[str], raw_labels: List[int], num_classes: int, problems: List[Tuple[str, str]]) -> np.ndarray:
+    """Mask of the entries whose label lies in [0, num_classes); the others are recorded as problems."""
+    labels = np.asarray(raw_labels, dtype=np.int64)
+    keep = (labels >= 0) & (labels < num_classes)
+    for i in np.flatnonzero(~keep):
+        problems.append((names[i], f"label {labels[i]} out of range [0, {num_classes})"))
+    return keep
+
+
+def _select(items: List[str], keep: np.ndarray) -> List[str]:
+    return [x for x, k in zip(items, keep) if k]
 
 
 # ------------------------------------------------------------------------------------------------ file sources
@@ -115,7 +114,8 @@ def read_imagefolder(root: Path, split: str, num_classes: Optional[int] = None) 
 
 
 def read_list(root: Path, list_file: Path, num_classes: Optional[int] = None) -> Source:
-    """Lines ``relpath label`` (ImageNet_LT_train.txt, Places_LT_train.txt, iNaturalist18_train.txt); paths under root."""
+    """Lines ``relpath label`` (ImageNet_LT_train.txt, Places_LT_train.txt, iNaturalist18_train.txt), paths relative
+    to ``root`` (a leading '/' included)."""
     if not list_file.is_file():
         raise SourceError(f"list file not found: {list_file}")
     names, raw, problems = [], [], []
@@ -139,9 +139,10 @@ def read_list(root: Path, list_file: Path, num_classes: Optional[int] = None) ->
     if num_classes is None:
         num_classes = max(raw) + 1 if raw else 0
         log.info("list: num_classes not given, taking max label + 1 = %d from %s", num_classes, list_file)
-    names, labels, files = _labels_in_range("list", names, raw, num_classes, names, problems)
+    keep = _in_range(names, raw, num_classes, problems)
+    names = _select(names, keep)
     return Source("list", num_classes, [str(c) for c in range(num_classes)], names,
-                  np.asarray(labels, dtype=np.int64), problems, files=files)
+                  np.asarray(raw, dtype=np.int64)[keep], problems, files=list(names))
 
 
 def read_inat(root: Path, json_file: Path, num_classes: Optional[int] = None) -> Source:
@@ -212,7 +213,8 @@ def read_cifar(root: Path, split: str, kind: str) -> Source:
     class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
     num_classes = 10 if kind == "cifar10" else 100
     if len(class_names) != num_classes:
-        raise SourceError(f"{root / meta_file}: field {names_key!r} has {len(class_names)} names, expected {num_classes}")
+        raise SourceError(f"{root / meta_file}: field {names_key!r} has {len(class_names)} names, "
+                          f"expected {num_classes}")
     arrays, names, raw = [], [], []
     for b in batches:
         d = _unpickle(root / b)
@@ -220,16 +222,16 @@ def read_cifar(root: Path, split: str, kind: str) -> Source:
             raise SourceError(f"{root / b}: missing field 'data' or {label_key!r}")
         data = np.asarray(d["data"])
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(d[label_key]) != len(data):
-            raise SourceError(f"{root / b}: field 'data' must be N×3072 uint8 with N labels, got {data.dtype} {data.shape}")
+            raise SourceError(f"{root / b}: field 'data' must be N×3072 uint8 with N labels, "
+                              f"got {data.dtype} {data.shape}")
         arrays.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         names += [f"{root / b}[{i}]" for i in range(len(data))]
         raw += [int(y) for y in d[label_key]]
     images = np.ascontiguousarray(np.concatenate(arrays))
     problems: List[Tuple[str, str]] = []
-    rows = [i for i, y in enumerate(raw) if 0 <= y < num_classes]
-    names_k, labels, _ = _labels_in_range(kind, names, raw, num_classes, [], problems)
-    return Source(kind, num_classes, class_names, names_k, np.asarray(labels, dtype=np.int64), problems,
-                  array=images[rows] if len(rows) < len(images) else images)
+    keep = _in_range(names, raw, num_classes, problems)
+    return Source(kind, num_classes, class_names, _select(names, keep), np.asarray(raw, dtype=np.int64)[keep],
+                  problems, array=images if keep.all() else images[keep])
 
 
 def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
@@ -270,10 +272,9 @@ def read_fmnist(root: Path, split: str) -> Source:
         raise SourceError(f"{img_path}: {len(images)} images but {lbl_path} has {len(raw)} labels")
     names = [f"{img_path}[{i}]" for i in range(len(images))]
     problems: List[Tuple[str, str]] = []
-    rows = np.flatnonzero((raw >= 0) & (raw < 10))
-    names_k, labels, _ = _labels_in_range("fmnist", names, raw.tolist(), 10, [], problems)
-    return Source("fmnist", 10, list(FMNIST_CLASSES), names_k, np.asarray(labels, dtype=np.int64), problems,
-                  array=images if len(rows) == len(images) else images[rows])
+    keep = _in_range(names, raw.tolist(), 10, problems)
+    return Source("fmnist", 10, list(FMNIST_CLASSES), _select(names, keep), raw[keep], problems,
+                  array=images if keep.all() else images[keep])
 
 
 def open_source(kind: str, root: str, split: str, list_file: Optional[str] = None,
@@ -286,7 +287,8 @@ def open_source(kind: str, root: str, split: str, list_file: Optional[str] = Non
         raise SourceError(f"--root {root}: not a directory")
     if kind in ("list", "inat"):
         if not list_file:
-            raise SourceError(f"source {kind} needs --list FILE ({'relpath label lines' if kind == 'list' else 'iNat JSON'})")
+            what = "relpath label lines" if kind == "list" else "iNat JSON"
+            raise SourceError(f"source {kind} needs --list FILE ({what})")
         reader = read_list if kind == "list" else read_inat
         return reader(rootp, Path(list_file), num_classes)
     if list_file:

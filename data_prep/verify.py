@@ -43,13 +43,15 @@ def verify(directory: str | Path, threads: int = 4) -> Tuple[List[str], int]:
         digests = list(ex.map(sha256_file, sized))
     for name, digest in zip(present, digests):
         if digest != m.files[name].get("sha256"):
-            problems.append(f"{name}: differs (sha256 {digest[:16]}..., manifest says {str(m.files[name].get('sha256'))[:16]}...)")
+            recorded = str(m.files[name].get("sha256"))
+            problems.append(f"{name}: differs (sha256 {digest[:16]}..., manifest says {recorded[:16]}...)")
 
     if not any(p.startswith(LABELS_NAME) for p in problems):
         try:
             counts = np.bincount(m.labels(), minlength=m.num_classes)
             if counts.tolist() != list(m.class_counts):
-                problems.append(f"{LABELS_NAME}: class counts {counts.tolist()} differ from the manifest's class_counts")
+                problems.append(f"{LABELS_NAME}: class counts {counts.tolist()} differ from the manifest's "
+                                "class_counts")
         except (ManifestError, ValueError) as e:
             problems.append(f"{LABELS_NAME}: {e}")
     return problems, len(m.files)

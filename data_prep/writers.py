@@ -17,10 +17,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from fastlivt.logs import get_logger
-
-log = get_logger("data_prep.writers")
-
 TMP_SUFFIX = ".tmp"
 
 

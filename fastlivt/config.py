@@ -226,6 +226,11 @@ def _build(cls: type, data: Dict[str, Any], prefix: str = ""):
     return cls(**kwargs)
 
 
+def from_dict(cls: type, data: Dict[str, Any]):
+    """Build ``cls`` from a plain dict (e.g. the config stored in a checkpoint), with the same checks as YAML."""
+    return _build(cls, data)
+
+
 def to_dict(cfg: Any) -> Dict[str, Any]:
     """A plain (JSON/YAML-serialisable) dict of a config."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))

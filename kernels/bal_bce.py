@@ -130,7 +130,8 @@ def launch_config(n: int, c: int, interpret: Optional[bool] = None) -> Tuple[int
     """(BLOCK_N, BLOCK_C, num_warps) for N rows of C classes.
 
     GPU: chunks of up to 2,048 classes (iNat's 8,142 in four) and rows packed together until a tile holds 2,048
-    logits, 4 warps — 16 logits per thread. The interpreter runs programs one after another in Python, so there it
+    logits, 4 warps — 16 logits per thread (chosen from the compiled instruction count; this layout has not been timed
+    on a GPU yet — ``fastlivt bench loss`` reports its fraction of the copy bandwidth). The interpreter runs programs one after another in Python, so there it
     takes few, large tiles (up to 16,384 logits).
     """
     interpret = interpreter_enabled() if interpret is None else interpret

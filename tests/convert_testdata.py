@@ -141,13 +141,20 @@ def read_beton(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     from ffcv.loader import Loader, OrderOption
     from ffcv.pipeline.compiler import Compiler
 
-    Compiler.set_enabled(False)
-    loader = Loader(str(path), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    os_cache=False, pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    images, labels = [], []
-    for img, lbl in loader:
-        images.append(np.array(img, copy=True))  # FFCV recycles its output buffers
-        labels.append(np.array(lbl, copy=True).reshape(-1))
+    import torch
+
+    jit, threads = Compiler.is_enabled, torch.get_num_threads()
+    Compiler.set_enabled(False)  # skip numba's compile; FFCV's C decoder still runs (restored below for others)
+    try:
+        loader = Loader(str(path), batch_size=256, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        os_cache=False, pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+        images, labels = [], []
+        for img, lbl in loader:
+            images.append(np.array(img, copy=True))  # FFCV recycles its output buffers
+            labels.append(np.array(lbl, copy=True).reshape(-1))
+    finally:
+        Compiler.set_enabled(jit)
+        torch.set_num_threads(threads)
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
@@ -173,7 +180,8 @@ def read_shards(directory: Path) -> Tuple[List[np.ndarray], np.ndarray]:
     @pipeline_def(batch_size=64, num_threads=1, device_id=None)
     def pipe():
         jpg, lbl = fn.readers.webdataset(
-            paths=[str(directory / s) for s in m["dali_shards"]], index_paths=[str(directory / s) for s in m["dali_index"]],
+            paths=[str(directory / s) for s in m["dali_shards"]],
+            index_paths=[str(directory / s) for s in m["dali_index"]],
             ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32], random_shuffle=False, name="reader")
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), lbl
 

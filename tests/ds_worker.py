@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-torch.set_num_threads(1)
+DEVICE = "cuda" if "--device=cuda" in sys.argv else "cpu"  # read before DeepSpeed picks its accelerator
+if DEVICE == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+AMP = "bf16" if DEVICE == "cuda" else "fp32"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the engine's test doubles (tests/engine_doubles.py)
 from fastlivt.config import TrainConfig  # noqa: E402
@@ -89,7 +92,7 @@ def run_job(stage: str, zero: int, args) -> None:
     cfg = TrainConfig()
     cfg.deepspeed = {"zero_optimization": {"stage": zero}}
     cfg.data.batch_size, cfg.optim.accum_iter, cfg.optim.clip_grad = MICRO, args.accum, 1.0
-    cfg.run.device, cfg.run.amp = "cpu", "fp32"
+    cfg.run.device, cfg.run.amp = DEVICE, AMP
     rt = DeepSpeedRuntime(cfg)
     model = build(stage)
     groups, names = param_groups(model, stage)
@@ -113,8 +116,9 @@ def run_job(stage: str, zero: int, args) -> None:
         report["lrs"].append(rt.lrs())
         total = 0.0
         for micro in range(args.accum):
-            images, labels = batch(step, micro, rt.rank, rt.world, args.accum)
-            loss = loss_of(engine, stage, images, labels)
+            images, labels = (t.to(rt.device) for t in batch(step, micro, rt.rank, rt.world, args.accum))
+            with rt.autocast():
+                loss = loss_of(engine, stage, images, labels)
             rt.backward(loss)
             total += float(loss.detach())
             boundary = rt.step()
@@ -134,9 +138,9 @@ def run_job(stage: str, zero: int, args) -> None:
         if step == args.save_at and not args.resume:
             rt.save(str(ckpt), f"step{step}", {"step": step, "stage": stage})
     sd = rt.full_state_dict()
-    sums = [torch.zeros(1, dtype=torch.float64) for _ in range(rt.world)]
-    torch.distributed.all_gather(sums, checksum(sd))
-    report["checksums"] = [float(s) for s in sums]
+    sums = [torch.zeros(1, dtype=torch.float64, device=rt.device) for _ in range(rt.world)]
+    torch.distributed.all_gather(sums, checksum(sd).to(rt.device))
+    report["checksums"] = [float(s.cpu()) for s in sums]
     report["group_lr_scale_in_optimizer"] = [g.get("lr_scale") for g in rt.optimizer.param_groups]
     report["zero_stage"] = rt.zero_stage
     if rt.is_main:
@@ -158,7 +162,7 @@ def loop_cfg(out: Path, stage: str, zero: int, init: str = None) -> TrainConfig:
     cfg = TrainConfig()
     cfg.deepspeed = {"zero_optimization": {"stage": zero}}
     cfg.run.stage = "pretrain" if stage == "mgp" else "finetune"
-    cfg.run.out, cfg.run.epochs, cfg.run.device, cfg.run.amp = str(out), 2, "cpu", "fp32"
+    cfg.run.out, cfg.run.epochs, cfg.run.device, cfg.run.amp = str(out), 2, DEVICE, AMP
     cfg.run.log_every, cfg.run.progress, cfg.run.vis_every, cfg.run.tensorboard = 1, False, 1, False
     cfg.run.ckpt_every_steps = 2
     cfg.data.img_size = cfg.model.img_size = IMG
@@ -186,17 +190,24 @@ def loop_loaders(crash_after=None):
     x, xt = torch.nn.functional.avg_pool2d(x, 2), torch.nn.functional.avg_pool2d(xt, 2)
     keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:96]
 
+    class OnDevice(MemoryLoader):
+        def __iter__(self):
+            for images, labels in super().__iter__():
+                yield images.to(DEVICE), labels.to(DEVICE)
+
+    MemoryLoader_ = OnDevice if DEVICE == "cuda" else MemoryLoader
+
     def make(cfg, split, stage, runtime):
         root = Path(cfg.run.out) / "manifests"
         if split == "val":
             m = write_manifest(root / f"val{runtime.rank}", yt.numpy(), 10, split="val")
-            return MemoryLoader(xt, yt, 16, m, shuffle=False, drop_last=False, rank=runtime.rank, world=runtime.world)
+            return MemoryLoader_(xt, yt, 16, m, shuffle=False, drop_last=False, rank=runtime.rank, world=runtime.world)
         m = write_manifest(root / f"train{runtime.rank}", y.numpy(), 10)
         m.class_counts = list(LT)
         aug = None
         if stage == "finetune":
             aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob)
-        return MemoryLoader(x[keep], y[keep], cfg.data.batch_size, m, seed=cfg.run.seed, crash_after=crash_after,
+        return MemoryLoader_(x[keep], y[keep], cfg.data.batch_size, m, seed=cfg.run.seed, crash_after=crash_after,
                             batch_augment=aug, rank=runtime.rank, world=runtime.world)
     return make
 
@@ -225,12 +236,12 @@ def run_loop_job(stage: str, zero: int, args) -> None:
         rt = run.runtime
         sd = rt.full_state_dict()
         local = {n: p.detach().clone() for n, p in rt.unwrap().named_parameters() if zero < 3}
-        sums = [torch.zeros(2, dtype=torch.float64) for _ in range(rt.world)]
-        torch.distributed.all_gather(sums, torch.cat([checksum(sd), checksum(local) if local else torch.zeros(1,
-                                                                                                        dtype=torch.float64)]))
+        mine = torch.cat([checksum(sd), checksum(local) if local else torch.zeros(1, dtype=torch.float64)])
+        sums = [torch.zeros(2, dtype=torch.float64, device=rt.device) for _ in range(rt.world)]
+        torch.distributed.all_gather(sums, mine.to(rt.device))
         if rt.is_main:
             report = {"step": run.step, "summary": {k: v for k, v in run.summary.items() if k != "last_eval"},
-                      "last_eval": run.summary.get("last_eval"), "checksums": [s.tolist() for s in sums],
+                      "last_eval": run.summary.get("last_eval"), "checksums": [s.cpu().tolist() for s in sums],
                       "zero_stage": rt.zero_stage, "lr_scales": [g.get("lr_scale") for g in rt.optimizer.param_groups]}
             (out / f"{name}.json").write_text(json.dumps(report, default=str))
             from safetensors.torch import save_file
@@ -247,6 +258,7 @@ def main() -> int:
     p.add_argument("--save-at", type=int, default=2)
     p.add_argument("--accum", type=int, default=2)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: bf16, one process per GPU")
     args = p.parse_args()
     t0 = time.time()
     for job in args.jobs.split(","):

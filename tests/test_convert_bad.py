@@ -213,3 +213,23 @@ def test_bad_settings_are_named(tmp_path, capsys, args, words):
     base = ["fmnist", "--root", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"]
     assert main(base + args) == 1
     assert words in capsys.readouterr().err
+
+
+def test_cifar_label_out_of_range(tmp_path, capsys):
+    import pickle
+
+    from convert_testdata import make_cifar
+
+    make_cifar(tmp_path / "raw", "cifar10", per_class=2)
+    batch = tmp_path / "raw" / "cifar-10-batches-py" / "data_batch_1"
+    d = pickle.loads(batch.read_bytes())
+    d[b"labels"][0] = 12
+    batch.write_bytes(pickle.dumps(d))
+    args = ["cifar10", "--root", str(tmp_path / "raw"), "--formats", "dali", "--workers", "0", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "s"), "--on-error", "skip"]) == 0
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["skipped"] == [{"path": f"{batch}[0]", "reason": "label 12 out of range [0, 10)"}]
+    assert m["num_samples"] == 19 and sum(m["class_counts"]) == 19
+    assert main(args + ["--out", str(tmp_path / "f"), "--on-error", "fail"]) == 1
+    assert f"{batch}[0]: label 12 out of range" in capsys.readouterr().err
+    _no_outputs(tmp_path / "f")

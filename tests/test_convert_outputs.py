@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from convert_testdata import check_outputs, make_files, read_beton, read_shards
+from convert_testdata import check_outputs, make_files, read_beton
 from data_prep.cli import main
 from fastlivt.manifest import load_manifest
 

@@ -72,7 +72,8 @@ def test_every_source(kind, tmp_path):
         names = [f"c10_{c}" for c in range(10)] if kind == "cifar10" else [f"c100_{c}" for c in range(100)]
     else:
         reference = make_fmnist(root, per_class=3)["train"]
-        names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
     rc = run([kind, "--root", root, *extra, "--formats", "ffcv,dali", "--out", out, "--write-mode", "raw",
               "--workers", "1", "--shard-size", "4", "--jpeg-quality", "95"])
     assert rc == 0

@@ -13,8 +13,10 @@ from fastlivt.models.vit import (EncoderLoadError, build_vit, build_vit_from_con
 def vit_param_formula(dim, depth, patch, img, classes, in_chans=3):
     """Parameters of a ViT with class token, learned positions, avg pool + fc_norm, linear head (by hand)."""
     tokens = (img // patch) ** 2 + 1
-    block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim)
-    return (in_chans * patch * patch * dim + dim) + dim + tokens * dim + depth * block + 2 * dim + dim * classes + classes
+    norms = 2 * 2 * dim
+    block = norms + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * 4 * dim + 4 * dim) + (4 * dim * dim + dim)
+    stem = (in_chans * patch * patch * dim + dim) + dim + tokens * dim  # patch projection, class token, positions
+    return stem + depth * block + 2 * dim + dim * classes + classes
 
 
 def test_vit_large_384_on_meta():

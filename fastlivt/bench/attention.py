@@ -48,7 +48,8 @@ def run(quick: bool, device: torch.device) -> List[Row]:
             try:
                 resolve_backend(backend, device)
             except AttentionBackendError as e:
-                rows.append(unavailable("attention", name, backend, device, str(e), shape=shape, dtype=DTYPE_NAMES[dtype]))
+                rows.append(unavailable("attention", name, backend, device, str(e), shape=shape,
+                                        dtype=DTYPE_NAMES[dtype]))
                 continue
 
             def call(backend=backend):

@@ -89,9 +89,18 @@ def measure_pair(fns: Dict[bool, Callable[[], None]], device: torch.device, warm
     return out
 
 
+_built: Dict[str, MaskedAutoencoderViT] = {}
+
+
 def build(arch: str, device: torch.device) -> MaskedAutoencoderViT:
-    torch.manual_seed(0)
-    return MaskedAutoencoderViT(img_size=IMG, patch_size=PATCH, **arch_spec(arch), **DECODER).to(device)
+    """The MAE of ``arch`` at 224/16 with the default decoder; the last one built is reused (one in memory)."""
+    if arch not in _built:
+        _built.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        _built[arch] = MaskedAutoencoderViT(img_size=IMG, patch_size=PATCH, **arch_spec(arch), **DECODER).to(device)
+    return _built[arch]
 
 
 def usable_backends(device: torch.device, wanted: List[str], name: str, shape: str, rows: List[Row]) -> List[str]:
@@ -139,14 +148,13 @@ def encoder_rows(quick: bool, device: torch.device) -> List[Row]:
         rows.append(Row(part="model", name=name, backend=backend, device=device_name(device), shape=shape, dtype=dtype,
                         unit="ms", median=vis["median"], spread=vis["spread"], repeats=repeats,
                         baseline="same encoder on all tokens", ratio=full["median"] / vis["median"], extra=extra))
-    del model
     return rows
 
 
 def mgp_step_rows(arch: str, quick: bool, device: torch.device, backends: List[str]) -> List[Row]:
     cuda = device.type == "cuda"
     batch = (128 if arch == "vit_large" else 256) if cuda else (2 if quick else (4 if arch == "vit_large" else 8))
-    warmup, repeats = (1, 2) if quick else (2, 5 if cuda else 3)
+    warmup, repeats = (1, 1) if quick else (2, 5 if cuda else 3)
     dtype = "bf16" if cuda else "fp32"
     name = f"MGP step (encoder + decoder 8x512 + loss + AdamW) visible-only vs all tokens, {arch}/{PATCH} {IMG}"
     shape = f"B={batch}"
@@ -193,9 +201,7 @@ def mgp_step_rows(arch: str, quick: bool, device: torch.device, backends: List[s
                         unit="ms", median=vis["median"], spread=vis["spread"], repeats=repeats,
                         baseline="same step, encoder on all tokens", ratio=(full["median"] / vis["median"])
                         if full else None, extra=extra if full else {**extra, "all_tokens": "out of memory"}))
-    del model, opt
-    if cuda:
-        torch.cuda.empty_cache()
+    del opt
     return rows
 
 
@@ -233,14 +239,19 @@ def breakdown(model: MaskedAutoencoderViT, opt: torch.optim.Optimizer, imgs: tor
 
 
 def run(quick: bool, device: torch.device) -> List[Row]:
+    t0 = time.perf_counter()
     rows = encoder_rows(quick, device)
+    log.info("bench model: encoder visible-only vs all tokens done (%.1f s)", time.perf_counter() - t0)
     cuda = device.type == "cuda"
     archs = ["vit_small", "vit_base"] if quick else ["vit_small", "vit_base", "vit_large"]
     if quick:
         log.info("bench model (quick): ViT-L MGP step skipped; run without --quick for it")
     backends = ["xformers", "sdpa", "math"] if cuda else (["sdpa"] if quick else ["sdpa", "math"])
     for arch in archs:
+        t0 = time.perf_counter()
         rows += mgp_step_rows(arch, quick, device, backends)
+        log.info("bench model: MGP step %s done (%.1f s)", arch, time.perf_counter() - t0)
+    _built.clear()
     if cuda:
         rows += throughput_rows(rows)
     return rows

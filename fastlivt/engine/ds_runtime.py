@@ -20,7 +20,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Union
+from typing import Any, ContextManager, Dict, List, Union
 
 import torch
 from torch import nn
@@ -182,17 +182,17 @@ class DeepSpeedRuntime(Runtime):
         if not use_cuda:
             # init_distributed would otherwise build the shared-memory comm op (a minutes-long C++ compile on CPU).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        self.local_rank = int(os.environ["LOCAL_RANK"])
+        if use_cuda:
+            torch.cuda.set_device(self.local_rank)  # before NCCL starts, so that it knows its device
+            self.device = torch.device("cuda", self.local_rank)
+        else:
+            self.device = torch.device("cpu")
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                        auto_mpi_discovery=False, verbose=False)
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
-        self.local_rank = int(os.environ["LOCAL_RANK"])
-        if use_cuda:
-            torch.cuda.set_device(self.local_rank)
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
         self.ds_config = build_deepspeed_config(cfg, self.world, use_cuda)
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))

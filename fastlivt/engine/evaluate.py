@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastlivt.config import ConfigError, TrainConfig, _build, parse_override, to_dict
+from fastlivt.config import ConfigError, TrainConfig, from_dict, parse_override, to_dict
 from fastlivt.engine.checkpoint import read_safetensors
 from fastlivt.engine.finetune import EXPORT_FORMAT, predict
 from fastlivt.engine.torch_runtime import resolve_device
@@ -41,11 +41,11 @@ def read_classifier(path: Path) -> Tuple[Dict[str, torch.Tensor], TrainConfig, O
         if meta.get("format") != EXPORT_FORMAT or "config" not in meta:
             raise ValueError(f"{path}: not a fine-tuned classifier export (format {meta.get('format')!r}); "
                              f"an MGP encoder export has no classifier head to evaluate")
-        return state, _build(TrainConfig, meta["config"]), meta.get("class_counts")
+        return state, from_dict(TrainConfig, meta["config"]), meta.get("class_counts")
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj.get("meta", {}):
         raise ValueError(f"{path}: not a fastlivt checkpoint (no model / meta.config entries)")
-    cfg = _build(TrainConfig, obj["meta"]["config"])
+    cfg = from_dict(TrainConfig, obj["meta"]["config"])
     if cfg.run.stage != "finetune":
         raise ValueError(f"{path}: a {cfg.run.stage} checkpoint; evaluate needs a fine-tuned classifier")
     return obj["model"], cfg, None
@@ -62,7 +62,7 @@ def with_overrides(cfg: TrainConfig, overrides: List[str]) -> TrainConfig:
                 raise ConfigError(f"override {item!r}: {k} is not a section")
             node = node[k]
         node[keys[-1]] = value
-    return _build(TrainConfig, data)
+    return from_dict(TrainConfig, data)
 
 
 def default_loader(cfg: TrainConfig, split: str, stage: str, device: torch.device) -> Any:

@@ -49,7 +49,7 @@ def xformers_status(device_type: str, device_index: Optional[int] = None) -> Tup
         return False, f"xformers does not import ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     try:
         dev = torch.device(device_type, device_index)
-        q = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.bfloat16)
+        q = torch.randn(1, 8, 2, 64, device=dev, dtype=torch.float16)  # fp16: every xformers-capable GPU
         xops.memory_efficient_attention(q, q, q)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
@@ -58,6 +58,22 @@ def xformers_status(device_type: str, device_index: Optional[int] = None) -> Tup
     import xformers
 
     return True, f"xformers {xformers.__version__} memory_efficient_attention runs on {torch.cuda.get_device_name(dev)}"
+
+
+def _xformers_build_problem() -> str:
+    """Why xformers' compiled kernels are missing, when its C++/CUDA extension failed to load (else "")."""
+    try:
+        from xformers import _cpp_lib
+    except Exception:
+        return ""
+    exc = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    if exc is None:
+        return ""
+    text = " ".join(str(exc).split())
+    cut = text.find("Please reinstall")
+    text = text[:cut].strip() if cut > 0 else text[:300]
+    cause = f" [{exc.__cause__.__cause__}]" if exc.__cause__ is not None and exc.__cause__.__cause__ else ""
+    return f"; its C++/CUDA extension did not load: {text}{cause} — install an xformers build for this torch/CUDA"
 
 
 def _log_once(key: tuple, msg: str, *args) -> None:
@@ -83,6 +99,7 @@ def _resolve(name: str, device_type: str, device_index: Optional[int]) -> str:
     return choice
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once while tracing and keeps the answer
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """The concrete backend (``xformers | sdpa | math``) that ``name`` means on ``device``.
 
@@ -149,7 +166,8 @@ class Attention(TimmAttention):
         super().__init__(dim, num_heads=num_heads, **kwargs)
         self.backend = check_backend_name(backend or self.default_backend)
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("fastlivt Attention runs full bidirectional self-attention; attn_mask/is_causal are not "
                              "supported")

@@ -56,7 +56,8 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(n, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int = 3, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def unpatchify(x: torch.Tensor, patch_size: int, in_chans: int = 3,
+               grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """Inverse of :func:`patchify`: [N, L, p·p·C] → [N, C, H, W] (square grid unless ``grid`` is given)."""
     n, length, _ = x.shape
     p = patch_size
@@ -123,8 +124,9 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(decoder_embed_dim, grid), requires_grad=False)
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
-                                                    norm_layer=LayerNorm, attn_layer=attn) for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.Sequential(*[
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, attn_layer=attn)
+            for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
         self.initialize_weights()
@@ -290,8 +292,10 @@ def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: S
         imgs = imgs[:max_images].float()
         n = imgs.shape[0]
         noise = torch.rand(n, model.num_patches, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
-        latent, mask, ids_restore = model.forward_encoder(imgs, mask_ratio, noise=noise)
+        weight_dtype = model.patch_embed.proj.weight.dtype  # bf16 under DeepSpeed bf16
+        latent, mask, ids_restore = model.forward_encoder(imgs.to(weight_dtype), mask_ratio, noise=noise)
         pred = model.forward_decoder(latent, ids_restore).float()
+        mask = mask.float()
     finally:
         model.train(was_training)
     target = model.patchify(imgs)

@@ -66,7 +66,8 @@ def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes:
     spec = arch_spec(arch, embed_dim, depth, num_heads)
     model = VisionTransformer(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
-        mlp_ratio=4.0, qkv_bias=True, drop_path_rate=drop_path, attn_layer=attention_layer(check_backend_name(attention)),
+        mlp_ratio=4.0, qkv_bias=True, drop_path_rate=drop_path,
+        attn_layer=attention_layer(check_backend_name(attention)),
         **spec)
     if num_classes > 0:
         trunc_normal_(model.head.weight, std=2e-5)
@@ -75,7 +76,7 @@ def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes:
 
 
 def build_vit_from_config(model_cfg: Any, num_classes: int) -> VisionTransformer:
-    """:func:`build_vit` from a :class:`fastlivt.config.ModelConfig` (``num_classes`` from the manifest if cfg says 0)."""
+    """:func:`build_vit` from a :class:`fastlivt.config.ModelConfig` (``num_classes`` from the manifest if it is 0)."""
     n = model_cfg.num_classes or num_classes
     if n <= 0:
         raise ValueError(f"model.num_classes must be > 0 (got config {model_cfg.num_classes}, manifest {num_classes})")
@@ -139,7 +140,7 @@ class LoadReport:
 
 
 def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch checkpoint (its ``model``/``state_dict`` entry if it has one)."""
+    """Tensors of a ``.safetensors`` file, or of a torch checkpoint (its ``model``/``state_dict`` entry if any)."""
     path = Path(path)
     if not path.is_file():
         raise EncoderLoadError(f"encoder file not found: {path}")
@@ -186,7 +187,8 @@ def load_encoder(model: VisionTransformer, source: Union[str, Path, Mapping[str,
     bad_missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     bad_unexpected = [k for k in unexpected if not (k.startswith("norm.") and isinstance(model.norm, nn.Identity))]
     if bad_missing or bad_unexpected:
-        raise EncoderLoadError(f"{name} does not fit the classifier: missing {bad_missing}, unexpected {bad_unexpected}")
+        raise EncoderLoadError(f"{name} does not fit the classifier: missing {bad_missing}, "
+                               f"unexpected {bad_unexpected}")
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in state if k in own and state[k].shape != own[k].shape]
     if wrong:
