@@ -8,6 +8,7 @@ leaves a directory that looks finished.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data_prep.decode import DecodeJob, decode_all
+from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
 from data_prep.sources import SOURCES, Source, open_source
 from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name, write_beton
@@ -82,6 +83,20 @@ class _Skips:
         if self.policy == "fail":
             raise ConversionError(f"{path}: {reason} (--on-error fail)")
         self.items.append({"path": path, "reason": reason})
+
+
+def _check_out_dir(out: Path, split: str) -> None:
+    """One directory holds one split: refuse to write over a conversion of another split."""
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous is not None and previous != split:
+        raise ConversionError(f"{path}: this directory holds the converted {previous!r} split; write the {split!r} "
+                              f"split to its own --out directory")
 
 
 def _clean_previous(out: Path, split: str) -> None:
@@ -181,13 +196,14 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
     check_config(cfg)
     started = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_previous(out, cfg.split)
+    _check_out_dir(out, cfg.split)
     source = open_source(cfg.source, cfg.root, cfg.split, cfg.list, cfg.num_classes)
     log.info("%s %s: %d listed images, %d classes, %d listing problems", cfg.source, cfg.split, len(source),
              source.num_classes, len(source.problems))
     skips = _Skips(cfg.on_error)
     order, factor = _listing_order(source, cfg, skips)
+    out.mkdir(parents=True, exist_ok=True)
+    _clean_previous(out, cfg.split)  # only now: a failed listing leaves an earlier conversion untouched
 
     want_ffcv, want_dali = "ffcv" in cfg.formats, "dali" in cfg.formats
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{cfg.split}-", dir=out)) if want_ffcv else None
@@ -195,7 +211,10 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
     temporaries: List[Tuple[Path, Path]] = []
     try:
         job = DecodeJob(source, cfg.max_resolution, cfg.jpeg_quality, want_dali, str(staging) if staging else None)
-        written = _decode_pass(job, order, cfg, skips, shards, progress)
+        try:
+            written = _decode_pass(job, order, cfg, skips, shards, progress)
+        except WorkerDied as e:
+            raise ConversionError(str(e)) from None
         log.info("decoded %d images in %.1f s", len(order), time.perf_counter() - started)
         labels = written.labels
         if not labels:
@@ -221,7 +240,11 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
             temporaries.append((beton_tmp, beton))
             log.info("writing %s (%s mode) with FFCV's DatasetWriter", beton.name, cfg.write_mode)
             t0 = time.perf_counter()
-            write_beton(beton_tmp, dataset, cfg.write_mode, cfg.jpeg_quality, cfg.compress_probability, cfg.workers)
+            try:
+                write_beton(beton_tmp, dataset, cfg.write_mode, cfg.jpeg_quality, cfg.compress_probability,
+                            cfg.workers)
+            except RuntimeError as e:
+                raise ConversionError(str(e)) from None
             log.info("wrote %s in %.1f s", beton.name, time.perf_counter() - t0)
         labels_path = out / LABELS_NAME
         labels_tmp = labels_path.with_name(labels_path.name + TMP_SUFFIX)

@@ -103,10 +103,13 @@ class _WorkerState:
     fd: int = -1
     file: str = ""
     offset: int = 0
+    slot: int = -1  # this worker's entry in _BUSY
 
 
 _JOB: Optional[DecodeJob] = None  # set in the parent before the pool forks; inherited by the workers
 _STATE = _WorkerState()
+_BUSY = None  # shared int64 array: the listed index each worker is decoding (-1: idle), to name a crashing file
+_SLOTS = None  # shared counter handing out entries of _BUSY
 
 # One result: (listed index, reason or None, jpeg bytes or None, (height, width), staging file name, byte offset)
 Result = Tuple[int, Optional[str], Optional[bytes], Tuple[int, int], str, int]
@@ -129,10 +132,18 @@ def _stage(pixels: np.ndarray, staging_dir: str) -> Tuple[str, int]:
 
 def decode_one(i: int) -> Result:
     """Validate, decode, resize, encode and stage listed sample ``i`` of the job's source."""
+    assert _JOB is not None, "decode_one called outside a conversion"
+    if _STATE.slot < 0:
+        return _decode(_JOB, i)
+    _BUSY[_STATE.slot] = i
+    result = _decode(_JOB, i)
+    _BUSY[_STATE.slot] = -1
+    return result
+
+
+def _decode(job: DecodeJob, i: int) -> Result:
     from ffcv.fields.rgb_image import encode_jpeg, resizer  # FFCV's own resize rule and JPEG encoder
 
-    job = _JOB
-    assert job is not None, "decode_one called outside a conversion"
     try:
         content = job.source.read(i)
     except FileNotFoundError:
@@ -155,18 +166,28 @@ def decode_one(i: int) -> Result:
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)
-    _STATE.fd = -1
+    _STATE.fd, _STATE.slot = -1, -1
+    if _SLOTS is not None:
+        with _SLOTS.get_lock():
+            _STATE.slot = _SLOTS.value
+            _SLOTS.value += 1
+
+
+class WorkerDied(RuntimeError):
+    """A decode process ended abruptly (a decoder crash on a corrupt file, or the out-of-memory killer)."""
 
 
 def decode_all(job: DecodeJob, order: Sequence[int], workers: int, chunksize: int = 16) -> Iterator[Result]:
     """Decode the listed samples ``order`` (in that order) with ``workers`` processes (0: in this process).
 
-    Results come back in ``order``. The caller must exhaust or close the iterator; closing terminates the pool.
+    Results come back in ``order``. The caller must exhaust or close the iterator; closing stops the workers.
+    A worker that dies abruptly raises :class:`WorkerDied` naming the files it was decoding (a plain
+    multiprocessing Pool would wait for it forever).
     """
-    global _JOB
+    global _JOB, _BUSY, _SLOTS
     _JOB = job
     if workers <= 0:
-        _init_worker()
+        _STATE.fd, _STATE.slot = -1, -1
         try:
             for i in order:
                 yield decode_one(int(i))
@@ -174,14 +195,21 @@ def decode_all(job: DecodeJob, order: Sequence[int], workers: int, chunksize: in
             if _STATE.fd >= 0:
                 os.close(_STATE.fd)
                 _STATE.fd = -1
+            _JOB = None
         return
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    pool = mp.get_context("fork").Pool(workers, initializer=_init_worker)
+    ctx = mp.get_context("fork")
+    _BUSY, _SLOTS = ctx.RawArray("q", [-1] * workers), ctx.Value("i", 0)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
     try:
-        yield from pool.imap(decode_one, [int(i) for i in order], chunksize=chunksize)
-        pool.close()
+        yield from pool.map(decode_one, [int(i) for i in order], chunksize=chunksize)
+    except BrokenProcessPool:
+        names = [job.source.names[i] for i in _BUSY if i >= 0]
+        raise WorkerDied(f"a decode process died abruptly (a decoder crash or out of memory) while the workers "
+                         f"were decoding {', '.join(names) or 'their first files'}") from None
     finally:
-        pool.terminate()
-        pool.join()
-        _JOB = None
+        pool.shutdown(wait=True, cancel_futures=True)  # only the chunks already running are finished
+        _JOB = _BUSY = _SLOTS = None

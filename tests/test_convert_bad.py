@@ -233,3 +233,22 @@ def test_cifar_label_out_of_range(tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "f"), "--on-error", "fail"]) == 1
     assert f"{batch}[0]: label 12 out of range" in capsys.readouterr().err
     _no_outputs(tmp_path / "f")
+
+
+def test_a_crashing_decode_process_is_named_not_waited_for():
+    import os
+    import signal
+
+    from data_prep.decode import DecodeJob, WorkerDied, decode_all
+    from data_prep.sources import Source
+
+    class Crashing(Source):
+        def read(self, i):
+            if i == 37:  # as a decoder segfault on a corrupt file would
+                os.kill(os.getpid(), signal.SIGKILL)
+            return np.zeros((4, 4), np.uint8)
+
+    src = Crashing("fmnist", 1, ["a"], [f"file{i}.jpg" for i in range(100)], np.zeros(100, np.int64))
+    with pytest.raises(WorkerDied, match=r"decoding file37\.jpg$"):
+        for _ in decode_all(DecodeJob(src, None, 90, True, None), list(range(100)), workers=2):
+            pass

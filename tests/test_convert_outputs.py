@@ -102,3 +102,44 @@ def test_verify_detects_a_flipped_byte(tmp_path, capsys):
     (out / "train-00002.idx").unlink()
     assert main(["--verify", str(out)]) == 1
     assert "train-00002.idx: missing" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_ffcv_writer_failures_raise_instead_of_hanging(tmp_path):
+    """FFCV's writer waits forever for a writer process that died; the conversion must fail cleanly instead."""
+    from data_prep.writers import StagedImages, write_beton
+
+    class Unreadable(StagedImages):
+        def __getitem__(self, i):
+            if i == 5:
+                raise OSError("staging file unreadable")
+            return np.zeros((4, 4, 3), np.uint8), 0
+
+    class Dying(StagedImages):
+        def __getitem__(self, i):
+            if i == 5:
+                os._exit(3)  # as the out-of-memory killer would end it
+            return np.zeros((4, 4, 3), np.uint8), 0
+
+    n = 20
+    args = ([], np.zeros(n, int), np.zeros(n, int), np.full((n, 2), 4), np.zeros(n, int))
+    with pytest.raises(RuntimeError, match="sample 5: OSError: staging file unreadable"):
+        write_beton(tmp_path / "x.beton", Unreadable(*args, seed=0, reseed=False), "raw", 90, 0.5, workers=2)
+    with pytest.raises(RuntimeError, match="FFCV writer process .* exited with code 3"):
+        write_beton(tmp_path / "y.beton", Dying(*args, seed=0, reseed=False), "raw", 90, 0.5, workers=2)
+
+
+def test_rerun_replaces_same_split_and_refuses_another(tmp_path, capsys):
+    make_files(tmp_path / "raw" / "train", [3, 2], size=(8, 8))
+    make_files(tmp_path / "raw" / "val", [1, 1], size=(8, 8))
+    base = ["imagefolder", "--root", str(tmp_path / "raw"), "--formats", "dali", "--workers", "0", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "o"), "--shard-size", "2"]) == 0
+    assert main(base + ["--out", str(tmp_path / "o"), "--shard-size", "5"]) == 0  # fewer shards than before
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
+        "labels.npy", "manifest.json", "train-00000.idx", "train-00000.tar"]
+    assert main(base + ["--out", str(tmp_path / "o"), "--split", "val"]) == 1
+    assert "holds the converted 'train' split" in capsys.readouterr().err
+    assert main(["--verify", str(tmp_path / "o")]) == 0
+    # a conversion that fails while listing leaves the earlier one untouched
+    assert main(base[:2] + [str(tmp_path / "missing")] + base[3:] + ["--out", str(tmp_path / "o")]) == 1
+    assert main(["--verify", str(tmp_path / "o")]) == 0

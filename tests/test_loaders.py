@@ -263,3 +263,30 @@ def test_two_ranks_in_two_processes_split_the_epoch(converted, reference, tmp_pa
                                   "train", "pretrain",
                                   rank=rank, world=2)
             assert np.array_equal(gid_to_written[ids], loader.plan(1))  # the order each rank read is its plan
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,extra", [("ffcv", []), ("dali", ["data.dali_device=gpu"]), ("dali", ["data.dali_device=auto"]),
+                                           ("torch", [])])
+def test_cuda_loaders_follow_the_plan(converted, reference, backend, extra):
+    """On a GPU: batches land on the device (DALI decodes with nvJPEG), in the plan's order, BFT batch ops on the GPU."""
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(True)
+    out, _ = converted
+    written_gid = reference[0]
+    loader = build_loader(_cfg(out, backend, "data.drop_last=false", *extra), "train", "pretrain", device="cuda")
+    if backend == "dali":
+        assert loader.dali_device == "mixed"
+    images, labels = [], []
+    for x, y in loader:
+        assert x.is_cuda and y.is_cuda and x.dtype == torch.float32 and y.dtype == torch.int64
+        images.append(x.cpu())
+        labels.append(y.cpu().numpy())
+    assert np.array_equal(_ids(torch.cat(images)), written_gid[loader.plan(0)])
+    assert np.array_equal(np.concatenate(labels), loader.labels[loader.plan(0)])
+    ft = build_loader(_cfg(out, backend, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0",
+                           "data.smoothing=0.1", "data.reprob=0.25", *extra), "train", "finetune", device="cuda")
+    x, y = next(iter(ft))
+    x, target = ft.batch_augment(x, y)
+    assert x.is_cuda and torch.isfinite(x).all() and target.dense(4).is_cuda

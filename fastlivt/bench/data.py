@@ -69,7 +69,7 @@ def build_inputs(tmp: Path, quick: bool) -> Dict[str, Dict[str, object]]:
     """Converted datasets: name -> {'jpg': dir, 'raw': dir | None, 'size': output px, 'batch': batch size, 'note'}."""
     from data_prep.synthetic import write_folder
 
-    workers = os.cpu_count() or 2
+    workers = 0  # decode in this process: the converter's fork pool can deadlock in a process that already has threads
     sets: Dict[str, Dict[str, object]] = {}
     n500 = 96 if quick else 1024
     write_folder(tmp / "jpeg500-src", n500, 500)

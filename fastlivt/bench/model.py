@@ -80,7 +80,8 @@ def measure_pair(fns: Dict[bool, Callable[[], None]], device: torch.device, warm
             out[key] = None
             continue
         ts = times[key]
-        out[key] = {"median": statistics.median(ts), "spread": (max(ts) - min(ts)) / 2, "min": min(ts)}
+        spread = (max(ts) - min(ts)) / 2 if len(ts) > 1 else None  # one repeat (quick mode): no spread to report
+        out[key] = {"median": statistics.median(ts), "spread": spread, "min": min(ts)}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             fn()
