@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 PARTS = ["data", "attention", "model", "loss", "step", "deepspeed"]
 
@@ -31,7 +31,7 @@ def _device(name: str):
     return torch.device(name)
 
 
-def run_parts(parts: List[str], quick: bool, device) -> list:
+def run_parts(parts: List[str], quick: bool, device, out: Optional[Path] = None) -> list:
     from fastlivt.bench.common import Row, device_name
     from fastlivt.logs import get_logger
 
@@ -48,6 +48,8 @@ def run_parts(parts: List[str], quick: bool, device) -> list:
             rows.append(Row(part=part, name="(whole part)", backend="-", device=device_name(device),
                             unavailable=f"error: {type(e).__name__}: {e}"))
         log.info("bench %s done in %.1f s", part, time.perf_counter() - t0)
+        if out is not None:  # results so far, so that a crash or a hang in a later part loses nothing
+            write_results(rows, out, device)
     return rows
 
 
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = _device(args.device)
     parts = PARTS if args.part == "all" else [args.part]
-    rows = run_parts(parts, args.quick, device)
+    rows = run_parts(parts, args.quick, device, Path(args.out))
     stem = write_results(rows, Path(args.out), device)
     print(to_markdown(rows, f"fastlivt bench {args.part} ({device})"))
     print(f"wrote {stem}.json, .md, .png")

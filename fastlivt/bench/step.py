@@ -33,7 +33,9 @@ def _demo_loader(tmp: Path, device: torch.device, batch: int, quick: bool):
     from fastlivt.data import build_loader
 
     ccfg = ConvertConfig(source="fmnist", root=str(FMNIST), split="train", imbalance_factor=100, formats=["ffcv", "dali"],
-                         out=str(tmp / "train"), write_mode="raw", workers=2)
+                         out=str(tmp / "train"), write_mode="raw", workers=0)
+    # workers=0: decode in this process. Forking decode workers from a process whose loaders already run threads
+    # (an earlier bench part) can deadlock on a lock copied mid-use.
     convert(ccfg, progress=False)
     cfg = load_config(TrainConfig, None, [f"data.train={tmp / 'train'}", "data.backend=ffcv", "data.img_size=32",
                                           f"data.batch_size={batch}", "data.workers=2", "data.auto_augment=rand-m9-mstd0.5-inc1",
@@ -99,7 +101,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     if on_cuda:  # ViT-B/16 at 224 on ImageNet-LT-like classes
         arch, img, patch, batch, classes = "vit_base", 224, 16, 128 if not quick else 64, 1000
     else:  # the demo's ViT-T/4 at 32 px, 10 classes
-        arch, img, patch, batch, classes = "vit_tiny", 32, 4, 128, 10
+        arch, img, patch, batch, classes = "vit_tiny", 32, 4, 64 if quick else 128, 10
     shape = f"{arch}/{patch} {img}px B={batch} C={classes}"
     rows: List[Row] = []
     tmp = tempfile.TemporaryDirectory(prefix="fastlivt-bench-step-")
@@ -139,7 +141,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         opt = torch.optim.AdamW(param_groups(model, 0.05, 0.75), lr=1e-3, betas=(0.9, 0.99))
         loss_fn = build_loss("bal_bce", counts, fused=fused)
         times = _measure(_step_fn(model, opt, loss_fn, augment, next_batch, device, autocast),
-                         warmup=2 if quick else 3, repeats=5 if quick else 15)
+                         warmup=1 if quick else 3, repeats=3 if quick else 10)
         step_ms = [sum(times[p][i] for p in PHASES) for i in range(len(times["forward"]))]
         med = statistics.median(step_ms)
         totals[fused] = (med, (max(step_ms) - min(step_ms)) / 2)
@@ -158,7 +160,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     for fused, (med, spread) in totals.items():
         rows.append(Row(part="step", name="whole BFT step", backend=f"loss={fused}", device=dev, shape=shape,
                         dtype="bf16" if on_cuda else "fp32", unit="ms", median=med, spread=spread,
-                        repeats=5 if quick else 15, baseline="loss=torch", ratio=base_ms / med,
+                        repeats=3 if quick else 10, baseline="loss=torch", ratio=base_ms / med,
                         extra={"img_per_s": batch / med * 1e3}))
     if not on_cuda:
         rows.append(Row(part="step", name="whole BFT step", backend="loss=triton", device=dev, shape=shape,

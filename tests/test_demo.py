@@ -1,0 +1,53 @@
+"""The README's first command, end to end on real Fashion-MNIST-LT (quick mode, two of the four losses)."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
+    out, data = tmp_path / "run", tmp_path / "data"
+    cmd = [sys.executable, "-m", "fastlivt", "demo", "--quick", "--out", str(out), "--data", str(data),
+           "--losses", "ce,bal_bce"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # both splits converted and verifiable
+    train = json.loads((data / "train" / "manifest.json").read_text())
+    test = json.loads((data / "test" / "manifest.json").read_text())
+    assert train["num_samples"] == sum(train["class_counts"]) and max(train["class_counts"]) == 100 * min(train["class_counts"])
+    assert test["class_counts"] == [1000] * 10
+    # the MGP export fed both fine-tunings, each evaluated on the 10k test images
+    assert (out / "mgp" / "encoder.safetensors").is_file()
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["results"]) == {"ce", "bal_bce"}
+    for loss, m in res["results"].items():
+        assert m["num_samples"] == 10000
+        assert 0.0 <= m["overall"] <= 100.0 and 0.0 <= m["ece"] <= 100.0 and m["mce"] >= m["ece"]
+        acc = m["per_class_accuracy"]
+        assert len(acc) == 10 and all(0.0 <= a <= 100.0 for a in acc if not math.isnan(a))
+        # overall top-1 on a balanced test set is the mean of the per-class accuracies
+        assert m["overall"] == pytest.approx(sum(acc) / 10, abs=0.02)
+        assert (out / f"eval_{loss}" / "per_class.csv").is_file() and (out / f"eval_{loss}" / "reliability.png").is_file()
+    table = (out / "results.md").read_text()
+    assert "| ce |" in table and "| bal_bce |" in table and "Ankle boot (n=60)" in table
+    assert (out / "results.png").stat().st_size > 0
+    # a second run reuses the verified conversion instead of converting again, and redoes a corrupted one
+    from fastlivt.demo import convert_split
+
+    before = (data / "test" / "manifest.json").stat().st_mtime_ns
+    assert convert_split("test", data / "test", None).num_samples == 10000
+    assert (data / "test" / "manifest.json").stat().st_mtime_ns == before
+    with open(data / "test" / "labels.npy", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert convert_split("test", data / "test", None).num_samples == 10000
+    assert (data / "test" / "manifest.json").stat().st_mtime_ns != before
