@@ -1,0 +1,83 @@
+"""FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines.
+
+Image pipeline: ``RandomResizedCropRGBImageDecoder`` (train) or ``CenterCropRGBImageDecoder(ratio=eval_crop_pct)``
+(eval), ``RandomHorizontalFlip`` (train), :class:`~fastlivt.data.randaugment.FFCVRandAugment` (finetune with
+``data.auto_augment``), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; normalisation then runs on the device. The
+long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)`` on
+it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
+not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import numpy as np
+import torch
+
+from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.randaugment import FFCVRandAugment
+from fastlivt.manifest import ManifestError
+
+try:
+    from ffcv.traversal_order.base import TraversalOrder
+except ImportError as e:  # pragma: no cover - ffcv is a hard dependency of this backend
+    raise ImportError(f"data.backend=ffcv needs ffcv 1.0.2 (pip install ffcv): {e}") from e
+
+
+class PlanOrder(TraversalOrder):
+    """A TraversalOrder whose every epoch is the indices last handed to :meth:`set` (in that order)."""
+
+    def __init__(self, first: np.ndarray):
+        self.current = np.asarray(first, dtype=np.uint64)  # FFCV's base __init__ runs in __call__, when it has the loader
+
+    def __call__(self, loader) -> "PlanOrder":
+        TraversalOrder.__init__(self, loader)
+        return self
+
+    def set(self, indices: np.ndarray) -> None:
+        self.current = np.asarray(indices, dtype=np.uint64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.current
+
+
+class FFCVLoader(EpochLoader):
+    backend = "ffcv"
+
+    def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
+        super().__init__(cfg, split, stage, device, rank, world)
+        from ffcv.fields.basics import IntDecoder
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
+        from ffcv.loader import Loader
+        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+
+        if not self.manifest.ffcv:
+            raise ManifestError(f"{self.manifest.root}: no .beton in the manifest (convert with --formats ffcv)")
+        path = self.manifest.path(self.manifest.ffcv)
+        if not path.is_file():
+            raise ManifestError(f"{path}: .beton named in the manifest is missing")
+        d, size = cfg.data, self.img_size
+        if self.train:
+            image = [RandomResizedCropRGBImageDecoder((size, size), scale=self.rrc_scale(), ratio=(3 / 4, 4 / 3)),
+                     RandomHorizontalFlip()]
+            if self.auto_augment:
+                image.append(FFCVRandAugment(self.auto_augment, size, d.mean, "bicubic", num_threads=max(1, d.workers)))
+        else:
+            image = [CenterCropRGBImageDecoder((size, size), ratio=d.eval_crop_pct)]
+        non_blocking = self.device.type == "cuda"
+        image += [ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()]
+        label = [IntDecoder(), ToTensor(), ToDevice(self.device, non_blocking=non_blocking)]
+        self.order = PlanOrder(self.plan(0))
+        self.loader = Loader(str(path), batch_size=self.batch_size, num_workers=max(1, d.workers), os_cache=d.os_cache,
+                             order=self.order, distributed=False, seed=cfg.run.seed,
+                             pipelines={"image": image, "label": label}, drop_last=False,
+                             batches_ahead=d.batches_ahead)
+        if self.loader.reader.num_samples != self.num_samples:
+            raise ManifestError(f"{path}: {self.loader.reader.num_samples} rows, manifest says {self.num_samples}")
+        log.debug("ffcv pipelines: image=%s", [type(op).__name__ for op in image])
+
+    def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        self.order.set(indices)
+        for images, labels in self.loader:
+            # FFCV recycles its output buffers: normalising and the label copy make the batch ours
+            yield self.normalize(images), self._labels_to_device(labels)

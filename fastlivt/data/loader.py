@@ -1,0 +1,162 @@
+"""``build_loader``: one interface over the ffcv, dali and torch backends.
+
+What every backend shares lives in :class:`EpochLoader`: the split's manifest, the long-tail sampler, the per-rank
+index plan of an epoch (:meth:`EpochLoader.plan`), epoch bookkeeping for exact resumption, and device-side
+normalisation. A backend only turns a plan (sample indices in order, already cut to whole batches when
+``drop_last``) into batches ``(images float[B,3,H,W] normalised on the device, labels long[B] on the device)``.
+
+Stages (paper Table 9):
+
+* ``pretrain`` (MGP): RandomResizedCrop(scale=data.rrc_scale, ratio 3/4..4/3) + horizontal flip + normalise.
+* ``finetune`` (BFT): the same crop/flip, then RandAugment ``data.auto_augment`` per sample, normalise; the batch part
+  (RandomErasing, Mixup/CutMix, label smoothing) is ``loader.batch_augment``: a :class:`~fastlivt.data.augment.BatchAugment`
+  that **the training loop calls** on each batch, ``images, target = loader.batch_augment(images, labels)``, getting a
+  :class:`~fastlivt.targets.MixTarget`. The iterator itself always yields plain labels.
+* ``eval``: resize the shorter side to int(img_size / eval_crop_pct) (bicubic) and center-crop img_size; the written
+  order, no drop_last.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fastlivt.config import TrainConfig
+from fastlivt.data.augment import BatchAugment, Normalize
+from fastlivt.data.sampling import LongTailSampler
+from fastlivt.logs import get_logger
+from fastlivt.manifest import load_manifest
+
+STAGES = ("pretrain", "finetune", "eval")
+BACKENDS = ("ffcv", "dali", "torch")
+log = get_logger(__name__)
+
+
+def resolve_device(device) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+class EpochLoader:
+    """Base of every backend. Iterating yields one epoch of ``(images, labels)`` for this rank.
+
+    * ``len(loader)``: batches per epoch, the same on every rank (ceil(N / world) indices per rank, then
+      floor or ceil by ``batch_size`` depending on ``drop_last``).
+    * ``set_epoch(e)``: the epoch the next pass reads; the order is a pure function of (run.seed, e). A completed pass
+      advances the epoch by one by itself, so calling ``set_epoch`` before every epoch is optional but harmless.
+    * ``skip(n)``: the next pass starts at batch n of its epoch (exact resume from a mid-epoch checkpoint: call
+      ``set_epoch(e)`` and ``skip(steps_done_in_e)``); it then yields ``len(loader) - n`` batches.
+    * images are float32 with the values of ``(x/255 - mean) / std``; FFCV's come in channels_last memory layout.
+    * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment the
+      training loop applies (see module docstring); ``None`` otherwise. ``manifest``: the split's manifest;
+      ``num_samples``: N. With world > 1 and N not divisible by world, the last ranks' plans end with wrapped-around
+      repeats of the epoch's first samples (torch DistributedSampler's padding); evaluators that gather predictions
+      should keep the first N of the rank-interleaved order.
+    """
+
+    backend = "base"
+
+    def __init__(self, cfg: TrainConfig, split: str, stage: str, device=None, rank: int = 0, world: int = 1):
+        if split not in ("train", "val"):
+            raise ValueError(f"build_loader: split must be 'train' or 'val', got {split!r}")
+        if stage not in STAGES:
+            raise ValueError(f"build_loader: stage must be one of {STAGES}, got {stage!r}")
+        directory = getattr(cfg.data, split)
+        if not directory:
+            raise ValueError(f"data.{split} is empty: set it to the directory holding the converted split's manifest.json")
+        d = cfg.data
+        if d.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+        self.cfg, self.split, self.stage, self.rank, self.world = cfg, split, stage, rank, world
+        self.device = resolve_device(device)
+        self.manifest = load_manifest(directory)
+        self.labels = self.manifest.labels()
+        self.num_samples = self.manifest.num_samples
+        self.batch_size = d.batch_size
+        self.img_size = d.img_size
+        self.train = stage != "eval"
+        self.drop_last = d.drop_last if self.train else False
+        self.sampler = LongTailSampler(self.labels, self.manifest.num_classes,
+                                       d.sampler if self.train else "instance", seed=cfg.run.seed,
+                                       total_epochs=cfg.run.epochs, shuffle=self.train)
+        per_rank = self.sampler.per_rank(world)
+        self._len = per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+        if self._len == 0:
+            raise ValueError(f"{directory}: {per_rank} samples per rank (N={self.num_samples}, world={world}) make no "
+                             f"whole batch of {self.batch_size} with drop_last")
+        self.normalize = Normalize(d.mean, d.std, self.device)
+        self.batch_augment: Optional[BatchAugment] = None
+        self.auto_augment = d.auto_augment if stage == "finetune" else None
+        if stage == "finetune" and (d.mixup > 0 or d.cutmix > 0 or d.reprob > 0 or d.smoothing > 0):
+            if (d.mixup > 0 or d.cutmix > 0) and (self.batch_size % 2 or not self.drop_last):
+                raise ValueError(f"Mixup/CutMix needs even, whole batches: data.batch_size={self.batch_size} "
+                                 f"(must be even) and data.drop_last={d.drop_last} (must be true)")
+            num_classes = cfg.model.num_classes or self.manifest.num_classes
+            self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, device=self.device)
+        self.epoch = 0
+        self._skip = 0
+
+    # ------------------------------------------------------------------------------------------------ epochs
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def skip(self, n_batches: int) -> None:
+        if not 0 <= n_batches <= self._len:
+            raise ValueError(f"skip: need 0 <= n_batches <= {self._len} (batches per epoch), got {n_batches}")
+        self._skip = int(n_batches)
+
+    def plan(self, epoch: Optional[int] = None, skip: int = 0) -> np.ndarray:
+        """This rank's sample indices for ``epoch`` in reading order: whole batches only when drop_last, then the
+        first ``skip`` batches removed."""
+        idx = self.sampler.indices(self.epoch if epoch is None else epoch, self.rank, self.world)
+        idx = idx[: self._len * self.batch_size]
+        return idx[skip * self.batch_size:]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.plan(skip=self._skip)
+        self._skip = 0
+        if indices.size:
+            yield from self._iterate(indices)
+        self.epoch += 1
+
+    # ------------------------------------------------------------------------------------------------ backends
+    def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def _labels_to_device(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels.reshape(-1).to(self.device, dtype=torch.long, non_blocking=True, copy=True)
+
+    def rrc_scale(self) -> Tuple[float, float]:
+        return tuple(self.cfg.data.rrc_scale)
+
+    def eval_resize(self) -> int:
+        return int(self.img_size / self.cfg.data.eval_crop_pct)
+
+    def describe(self) -> str:
+        aug = {"pretrain": "RRC+flip", "finetune": f"RRC+flip+{self.auto_augment or 'no RandAugment'}",
+               "eval": f"resize {self.eval_resize()} + center crop"}[self.stage]
+        return (f"{self.backend} loader: {self.split}/{self.stage} N={self.num_samples} rank {self.rank}/{self.world} "
+                f"batch {self.batch_size} x {len(self)} per epoch, {self.img_size}px {aug}, sampler "
+                f"{self.sampler.strategy}, device {self.device}")
+
+
+def build_loader(cfg: TrainConfig, split: str, stage: str, device=None, rank: int = 0, world: int = 1) -> EpochLoader:
+    """The loader of ``cfg.data.backend`` for ``split`` (train | val) at ``stage`` (pretrain | finetune | eval)."""
+    backend = cfg.data.backend
+    if backend == "ffcv":
+        from fastlivt.data.ffcv_loader import FFCVLoader as cls
+    elif backend == "dali":
+        from fastlivt.data.dali_loader import DALILoader as cls
+    elif backend == "torch":
+        from fastlivt.data.torch_loader import TorchLoader as cls
+    else:
+        raise ValueError(f"data.backend: unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
+    loader = cls(cfg, split, stage, device=device, rank=rank, world=world)
+    log.info("%s", loader.describe())
+    return loader
