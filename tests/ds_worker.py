@@ -271,4 +271,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Leave without interpreter teardown: a loader's native worker thread still joinable at exit can abort the
+    # process ("terminate called without an active exception") after every result was written and checked.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
