@@ -13,18 +13,16 @@ top-5 and many/medium/few accuracy; the best top-1 is kept as checkpoint ``best`
 """
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastlivt.config import ConfigError, TrainConfig, load_config, to_dict
+from fastlivt.config import ConfigError, TrainConfig, to_dict
 from fastlivt.engine.checkpoint import save_safetensors
 from fastlivt.engine.loop import Run, train
-from fastlivt.engine.pretrain import parse_args
+from fastlivt.engine.pretrain import run_stage
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -191,13 +189,5 @@ class BFTTask:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv), "fastlivt finetune",
-                      "Stage 2: balanced fine-tuning (BFT) from an MGP encoder export.")
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    if cfg.run.stage != "finetune":
-        log.info("run.stage=%s in %s; running fine-tuning as asked by the command", cfg.run.stage, args.config)
-        cfg.run.stage = "finetune"
-    run = train(cfg, BFTTask(), resume=args.resume)
-    if run.runtime.is_main:
-        print(json.dumps({"out": str(run.out), "step": run.step, **run.summary}, default=str))
-    return 0
+    return run_stage(argv, BFTTask(), "finetune", "fastlivt finetune",
+                     "Stage 2: balanced fine-tuning (BFT) from an MGP encoder export.")

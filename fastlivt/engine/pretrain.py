@@ -124,13 +124,18 @@ def parse_args(argv: List[str], prog: str, description: str) -> argparse.Namespa
     return p.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(list(sys.argv[1:] if argv is None else argv), "fastlivt pretrain", "Stage 1: masked generative pretraining (MGP).")
+def run_stage(argv: Optional[List[str]], task: Any, stage: str, prog: str, description: str) -> int:
+    """The ``fastlivt pretrain|finetune`` command: config + overrides -> :func:`train` -> a JSON summary line."""
+    args = parse_args(list(sys.argv[1:] if argv is None else argv), prog, description)
     cfg = load_config(TrainConfig, args.config, args.overrides)
-    if cfg.run.stage != "pretrain":
-        log.info("run.stage=%s in %s; running pretraining as asked by the command", cfg.run.stage, args.config)
-        cfg.run.stage = "pretrain"
-    run = train(cfg, MGPTask(), resume=args.resume)
+    if cfg.run.stage != stage:
+        log.info("run.stage=%s in %s; running %s as asked by the command", cfg.run.stage, args.config, stage)
+        cfg.run.stage = stage
+    run = train(cfg, task, resume=args.resume)
     if run.runtime.is_main:
-        print(json.dumps({"out": str(run.out), "step": run.step, **run.summary}))
+        print(json.dumps({"out": str(run.out), "step": run.step, **run.summary}, default=str))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_stage(argv, MGPTask(), "pretrain", "fastlivt pretrain", "Stage 1: masked generative pretraining (MGP).")
