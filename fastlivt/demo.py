@@ -7,7 +7,10 @@
 4. evaluation of each final model (not a test-selected "best") on the test set: overall, many, medium, few, the five
    rarest classes, ECE and MCE; a table (printed, ``results.md``), ``results.json`` and ``results.png``.
 
-``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about a quarter of an hour on 2 cores.
+``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about a quarter of an hour on 2 cores
+(bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``). ``--proxy`` runs the same pipeline on a split of the
+*training* images only (an LT subset of all but 500 per class, evaluated on those 500 per class): the schedule
+was chosen there, never on the test set.
 """
 from __future__ import annotations
 
@@ -26,12 +29,50 @@ LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
 # The demo's schedule (config overrides per stage), sized for ~15 min on 2 CPU cores; --quick is a smoke run.
-FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=5", "optim.warmup_epochs=0.5"]}
+FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=12", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}
 
 
-def convert_split(split: str, out: Path, imbalance: Optional[float]) -> Any:
+PROXY_HOLDOUT = 500  # training images per class held out as the proxy's balanced validation set
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where ``run.cpu_bf16`` speeds training up."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def write_proxy_source(out: Path, seed: int = 1) -> Path:
+    """Fashion-MNIST's *training* images split in two, as IDX files under ``out``: ``PROXY_HOLDOUT`` per class as
+    the "t10k" (validation) split, the rest as "train" (the pool the LT subset is drawn from). For choosing the
+    demo's schedule without looking at the test set."""
+    import gzip
+
+    import numpy as np
+
+    from data_prep.sources import read_fmnist
+
+    src = read_fmnist(Path(FMNIST), "train")
+    labels = np.asarray(src.labels)
+    rng = np.random.default_rng(seed)
+    held = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:PROXY_HOLDOUT] for c in range(src.num_classes)])
+    keep = np.setdiff1d(np.arange(len(labels)), held)
+    out.mkdir(parents=True, exist_ok=True)
+    for prefix, idx in (("train", keep), ("t10k", np.sort(held))):
+        for kind, arr, magic in (("images-idx3", src.array[idx], 0x803), ("labels-idx1", labels[idx].astype(np.uint8), 0x801)):
+            path = out / f"{prefix}-{kind}-ubyte.gz"
+            tmp = path.with_suffix(".tmp")
+            with gzip.open(tmp, "wb", compresslevel=1) as f:
+                f.write(magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes())
+            os.replace(tmp, path)
+    return out
+
+
+def convert_split(split: str, out: Path, imbalance: Optional[float], root: str = FMNIST) -> Any:
     """Convert once; reuse an existing conversion whose files still match the manifest's hashes."""
     from data_prep.convert import convert
     from data_prep.verify import verify
@@ -44,7 +85,7 @@ def convert_split(split: str, out: Path, imbalance: Optional[float]) -> Any:
             log.info("demo: reusing %s (verified)", out)
             return load_manifest(out)
         log.warning("demo: %s fails verification (%s); converting again", out, problems[0])
-    cfg = ConvertConfig(source="fmnist", root=FMNIST, split=split, imbalance_factor=imbalance, formats=["ffcv", "dali"],
+    cfg = ConvertConfig(source="fmnist", root=root, split=split, imbalance_factor=imbalance, formats=["ffcv", "dali"],
                         out=str(out), write_mode="raw", on_error="fail", workers=2)
     return convert(cfg, progress=True)
 
@@ -107,6 +148,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="ffcv", choices=("ffcv", "dali", "torch"), help="loader backend")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of " + ",".join(LOSSES))
+    p.add_argument("--proxy", action="store_true",
+                   help=f"train on an LT subset of Fashion-MNIST's training images minus {PROXY_HOLDOUT} per class and "
+                        "evaluate on those held-out images, never the test set (for choosing a schedule)")
+    p.add_argument("--bft-epochs", type=int, default=None, help="BFT epochs per loss (default: 12; quick: 1)")
+    p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
+                   help="bf16 autocast on CPU, both stages (auto: on where the CPU has AVX512-BF16 or AMX)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file():
         print(f"fastlivt demo: {FMNIST} not found; install Debian's dataset-fashion-mnist (bash scripts/install.sh)",
@@ -125,13 +172,26 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     t_start = time.perf_counter()
     plan = QUICK if args.quick else FULL
-    out = Path(args.out if not (args.quick and args.out == "runs/demo") else "runs/demo-quick")
-    data = Path(args.data)
-    train_m = convert_split("train", data / "train", 100)
-    test_m = convert_split("test", data / "test", None)
-    log.info("demo: train %d images %s; test %d images", train_m.num_samples, train_m.class_counts, test_m.num_samples)
+    if args.bft_epochs is not None:
+        if args.bft_epochs < 1:
+            p.error(f"--bft-epochs must be >= 1, got {args.bft_epochs}")
+        plan = {**plan, "bft": plan["bft"] + [f"run.epochs={args.bft_epochs}", f"optim.warmup_epochs={min(1, args.bft_epochs / 5)}"]}
+    out = Path(args.out)
+    if args.out == "runs/demo":
+        out = Path("runs/demo" + ("-proxy" if args.proxy else "") + ("-quick" if args.quick else ""))
+    data, root, test_split = Path(args.data), FMNIST, "test"
+    if args.proxy:
+        data, test_split = data / "proxy", "val"
+        root = str(write_proxy_source(data / "source"))
+    train_m = convert_split("train", data / "train", 100, root)
+    test_m = convert_split("test", data / test_split, None, root)
+    log.info("demo: train %d images %s; %s %d images", train_m.num_samples, train_m.class_counts, test_split,
+             test_m.num_samples)
+    bf16 = args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16())
+    log.info("demo: bf16 autocast on CPU %s (--cpu-bf16 %s)", "on" if bf16 else "off", args.cpu_bf16)
 
-    common = [f"data.train={data / 'train'}", f"data.backend={args.backend}", f"run.seed={args.seed}"]
+    common = [f"data.train={data / 'train'}", f"data.backend={args.backend}", f"run.seed={args.seed}",
+              f"run.cpu_bf16={str(bf16).lower()}"]
     mgp = common + plan["mgp"] + [f"run.out={out / 'mgp'}"]
     t0 = time.perf_counter()
     train(load_config(TrainConfig, CONFIGS / "mgp.yaml", mgp), MGPTask())
@@ -145,19 +205,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.perf_counter()
         train(load_config(TrainConfig, CONFIGS / "bft.yaml", bft), BFTTask())
         timings[f"bft_{loss}_s"] = time.perf_counter() - t0
-        m = run_evaluation(str(out / ("bft_" + loss) / MODEL_EXPORT), str(data / "test"), out=str(out / f"eval_{loss}"),
+        m = run_evaluation(str(out / ("bft_" + loss) / MODEL_EXPORT), str(data / test_split), out=str(out / f"eval_{loss}"),
                            train_manifest=str(data / "train"), overrides=[f"data.backend={args.backend}"])
         m["per_class_accuracy"] = per_class_accuracy(out / f"eval_{loss}")
         results[loss] = m
     timings["total_s"] = time.perf_counter() - t_start
 
     table = results_table(results, train_m.class_counts, train_m.class_names)
-    header = (f"Fashion-MNIST-LT γ=100 ({train_m.num_samples} train / {test_m.num_samples} test images), seed {args.seed}, "
+    what = "held-out training (proxy val)" if args.proxy else "test"
+    header = (f"Fashion-MNIST-LT γ=100 ({train_m.num_samples} train / {test_m.num_samples} {what} images), seed {args.seed}, "
               f"{'quick' if args.quick else 'full'} run, {timings['total_s'] / 60:.1f} min; accuracies and ECE/MCE in %")
     text = header + "\n\n" + table + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"seed": args.seed, "quick": args.quick, "timings": timings,
+    (out / "results.json").write_text(json.dumps({"seed": args.seed, "quick": args.quick, "proxy": args.proxy,
+                                                  "cpu_bf16": bf16, "plan": plan, "timings": timings,
                                                   "train_class_counts": train_m.class_counts, "results": results},
                                                  indent=1, default=str))
     plot_results(results, train_m.class_counts, out / "results.png")

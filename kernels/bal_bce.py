@@ -25,7 +25,7 @@ Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set befo
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -139,6 +139,20 @@ def launch_config(n: int, c: int, interpret: Optional[bool] = None) -> Tuple[int
     block_c = min(triton.next_power_of_2(c), tile)
     block_n = max(1, min(triton.next_power_of_2(n), tile // block_c))
     return block_n, block_c, 4
+
+
+def launch_candidates(n: int, c: int) -> List[Tuple[int, int, int]]:
+    """The (BLOCK_N, BLOCK_C, num_warps) layouts ``fastlivt bench loss`` times on a GPU besides :func:`launch_config`:
+    class chunks of 512 to 4,096, tiles of 2,048 to 8,192 logits, 4 or 8 warps (clamped to the shape, deduplicated)."""
+    out: List[Tuple[int, int, int]] = []
+    for block_c in (512, 1024, 2048, 4096):
+        block_c = min(block_c, triton.next_power_of_2(c))
+        for tile in (2048, 4096, 8192):
+            block_n = max(1, min(triton.next_power_of_2(n), tile // block_c))
+            for warps in (4, 8):
+                if block_n * block_c >= 32 * warps and (block_n, block_c, warps) not in out:
+                    out.append((block_n, block_c, warps))
+    return out
 
 
 def _check(logits: torch.Tensor, bias: Optional[torch.Tensor], label_a, label_b, target) -> torch.Tensor:

@@ -7,8 +7,8 @@ import torch
 from timm.layers import Attention as TimmAttention
 from timm.models.vision_transformer import VisionTransformer
 
-from fastlivt.models.attention import (Attention, AttentionBackendError, attend, attention_layer, resolve_backend,
-                                       set_attention_backend, xformers_status)
+from fastlivt.models.attention import (Attention, AttentionBackendError, attend, attention_layer, math_attention,
+                                       resolve_backend, set_attention_backend, xformers_status)
 
 
 def reference_attention(q, k, v):
@@ -128,3 +128,48 @@ def test_xformers_matches_sdpa_on_cuda(dtype, tol):
     (gx_x,) = torch.autograd.grad(y_x.float().sum(), x)
     torch.testing.assert_close(y_x.float(), y_sdpa.float(), atol=tol * 5, rtol=tol * 5)
     torch.testing.assert_close(gx_x.float(), gx_sdpa.float(), atol=tol * 20, rtol=tol * 20)
+
+
+def test_sdpa_under_cpu_autocast_runs_in_fp32_and_returns_the_input_dtype(monkeypatch):
+    import fastlivt.models.attention as attention_module
+
+    seen = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kw):  # what the kernel really gets (bf16 there has a very slow CPU backward)
+        seen.append((q.dtype, torch.is_autocast_enabled("cpu")))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", recording_sdpa)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 17, 8, generator=g) for _ in range(3))
+    ref = math_attention(q.double(), k.double(), v.double())
+    qb, kb, vb = (t.bfloat16().requires_grad_(True) for t in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(qb, kb, vb, "sdpa")
+    assert out.dtype == torch.bfloat16 and seen == [(torch.float32, False)]
+    # computed from the bf16-rounded inputs in fp32: only the final rounding to bf16 differs from float64
+    ref_b = math_attention(qb.detach().double(), kb.detach().double(), vb.detach().double())
+    assert (out.double() - ref_b).abs().max() <= 2 ** -8 * ref_b.abs().max()
+    assert (out.double() - ref).abs().max() < 0.05
+    out.float().sum().backward()
+    assert qb.grad is not None and qb.grad.dtype == torch.bfloat16 and torch.isfinite(qb.grad.float()).all()
+
+
+def test_auto_under_cpu_autocast_takes_math_and_matches_fp32(monkeypatch):
+    import fastlivt.models.attention as attention_module
+
+    calls = []
+    monkeypatch.setattr(attention_module, "math_attention",
+                        lambda *a, **k: calls.append(a[0].dtype) or math_attention(*a, **k))
+    torch.manual_seed(0)
+    layer = attention_layer("auto")(32, num_heads=4)
+    x = torch.randn(3, 9, 32)
+    ref = layer(x)
+    assert calls == []  # fp32 on CPU: SDPA
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        q = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+        attend(q, q, q, "auto")
+    assert calls == [torch.bfloat16, torch.bfloat16] and out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

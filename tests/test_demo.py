@@ -51,3 +51,22 @@ def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
         f.write(bytes([last[0] ^ 1]))
     assert convert_split("test", data / "test", None).num_samples == 10000
     assert (data / "test" / "manifest.json").stat().st_mtime_ns != before
+
+
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_proxy_split_holds_out_training_images_only(tmp_path):
+    import numpy as np
+
+    from data_prep.sources import read_fmnist
+    from fastlivt.demo import PROXY_HOLDOUT, write_proxy_source
+
+    root = write_proxy_source(tmp_path / "proxy")
+    full = read_fmnist(FMNIST.parent, "train")
+    pool, held = read_fmnist(root, "train"), read_fmnist(root, "test")
+    assert np.bincount(held.labels, minlength=10).tolist() == [PROXY_HOLDOUT] * 10
+    assert len(pool.labels) + len(held.labels) == len(full.labels)
+    # every image of the full training set is in exactly one part (as (pixels, label) multisets), none from t10k
+    key = lambda a, y: sorted(hash(img.tobytes() + bytes([lab])) for img, lab in zip(a, y))  # noqa: E731
+    assert sorted(key(pool.array, pool.labels) + key(held.array, held.labels)) == key(full.array, full.labels)
+    again = read_fmnist(write_proxy_source(tmp_path / "again"), "test")  # deterministic
+    assert np.array_equal(again.labels, held.labels) and np.array_equal(again.array, held.array)

@@ -198,6 +198,24 @@ def test_bad_runtime_config_is_a_clear_error():
         TorchRuntime(cfg)
 
 
+def test_bf16_autocast_on_cpu_only_when_asked_for():
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    for cpu_bf16, amp, want in [(False, "bf16", torch.float32), (True, "bf16", torch.bfloat16), (True, "fp32", torch.float32)]:
+        cfg = _cfg()
+        cfg.run.device, cfg.run.amp, cfg.run.cpu_bf16 = "cpu", amp, cpu_bf16
+        rt = TorchRuntime(cfg)
+        rt.prepare(layer, [{"params": list(layer.parameters())}], 1e-3, (0.9, 0.99), 0.0)
+        with rt.autocast():
+            assert layer(x).dtype == want, (cpu_bf16, amp)
+    from fastlivt.engine.ds_runtime import build_deepspeed_config
+
+    cfg = _cfg()
+    cfg.run.cpu_bf16, cfg.deepspeed = True, {"zero_optimization": {"stage": 2}}
+    with pytest.raises(ValueError, match="run.cpu_bf16"):
+        build_deepspeed_config(cfg, 1, use_cuda=False)
+
+
 # --------------------------------------------------------------------------------------------------- configs
 TABLE10 = {  # paper Table 10: (epochs, warmup, effective batch, betas, blr, min_lr, input size, drop path, tau)
     "imagenet_lt/mgp": (800, 40, 4096, (0.9, 0.95), 1.5e-4, 0.0, 224, None, None),

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce, bal_bce_forward, interpreter_enabled, kernel_available
+from kernels.bal_bce import bal_bce, bal_bce_forward, interpreter_enabled, kernel_available, launch_candidates
 from kernels.reference import bal_bce_reference, soft_target
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-9}
@@ -68,6 +68,21 @@ def test_every_gradient_element_is_written(config):
     assert torch.isfinite(grad).all()
     _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.4, 0.2, c))
     assert rel(grad, ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_every_benchmarked_launch_layout_computes_the_same_loss_and_gradient():
+    # the layouts `fastlivt bench loss` sweeps on a GPU: chunks that split a row and leave a partial last chunk
+    n, c = 9, 1500
+    configs = launch_candidates(n, c)
+    assert len(configs) >= 4 and any(bc < c for _, bc, _ in configs) and any(bc > c for _, bc, _ in configs)
+    logits, bias, la, lb = make(n, c, torch.float32, seed=8)
+    ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.3, 0.1, c))
+    for config in configs:
+        poisoned = torch.full((n, c), float("nan"))
+        loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.3, smoothing=0.1, grad_out=poisoned,
+                                     config=config)
+        assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6, config
 
 
 @needs_kernel

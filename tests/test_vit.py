@@ -148,3 +148,21 @@ def test_export_at_32px_loads_into_a_48px_classifier(mae):
     assert model.pos_embed.shape == (1, 1 + 144, 48)
     torch.testing.assert_close(model.pos_embed[:, 0], mae.pos_embed[:, 0])
     assert model(torch.randn(1, 3, 48, 48)).shape == (1, 5)
+
+
+def test_patch_embed_keeps_timm_keys_and_runs_fp32_under_cpu_autocast():
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    from fastlivt.models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    ours, timms = PatchEmbed(32, 4, 3, 16), TimmPatchEmbed(32, 4, 3, 16)
+    assert ours.load_state_dict(timms.state_dict()) is not None and set(ours.state_dict()) == set(timms.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours(x), timms(x), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours, y_timm = ours(x), timms(x)
+    assert y_timm.dtype == torch.bfloat16 and y_ours.dtype == torch.float32
+    torch.testing.assert_close(y_ours, timms(x), rtol=0, atol=0)  # the fp32 result exactly
+    model = build_vit("vit_tiny", img_size=32, patch_size=4, num_classes=3)
+    assert isinstance(model.patch_embed, PatchEmbed)

@@ -8,7 +8,8 @@ is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form
 - torch.compile: the same function compiled (Inductor);
 - triton: :func:`fastlivt.losses.build_loss` with ``fused='triton'`` on the compact MixTarget (no N × C target);
 - triton kernel (one pass): the fused kernel alone (loss and gradient, no autograd), against the copy bandwidth;
-- copy: ``logits.clone()`` — the device's copy bandwidth at the same size, measured in the same run.
+- copy: ``logits.clone()`` — the device's copy bandwidth at the same size, measured in the same run;
+- on CUDA at C = 8,142, the one-pass kernel again under every layout of :func:`kernels.bal_bce.launch_candidates`.
 
 GB/s counts 2·N·C·bytes(dtype): the logits read once and the gradient written once (bias, labels and the [N] partial
 sums are ignored; the eager path's fp32 temporaries and target are not counted, so its GB/s is an *effective* figure).
@@ -36,6 +37,7 @@ N = 1024
 CLASSES = (365, 1000, 8142)
 DTYPES = (torch.float32, torch.bfloat16)
 LAM, SMOOTHING = 0.7, 0.1
+SWEEP_C = 8142  # the shape of the bandwidth target, where the kernel's launch layouts are swept (CUDA only)
 COMPILE_BUDGET_S = 120.0  # give up on torch.compile for the remaining shapes once one compilation takes longer
 
 
@@ -158,7 +160,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
             t_extra["speedup_vs_compile"] = c_med / t_med
         rows.append(row(fb, "triton", t_med, t_sp, t_rep, t_extra, "eager", e_med / t_med))
 
-        from kernels.bal_bce import bal_bce_forward
+        from kernels.bal_bce import bal_bce_forward, launch_candidates, launch_config
 
         x = logits.detach()
         cp_med, cp_sp, cp_rep, cp_extra = measure(lambda: x.clone())
@@ -167,8 +169,18 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
         k_med, k_sp, k_rep, k_extra = measure(lambda: bal_bce_forward(x, scaled, label_a=target.label_a,
                                                                       label_b=target.label_b, lam=LAM, smoothing=SMOOTHING))
         k_extra["fraction_of_copy"] = cp_med / k_med
+        k_extra["launch_config"] = "x".join(map(str, launch_config(n, c)))
         rows.append(row("fused kernel, one pass (loss + grad)", "triton", k_med, k_sp, k_rep, k_extra,
                         "copy (logits.clone)", cp_med / k_med))
+        if c == SWEEP_C:  # the other launch layouts, so one GPU run says which one to make the default
+            for cfg in launch_candidates(n, c):
+                if cfg == launch_config(n, c):
+                    continue
+                s_med, s_sp, s_rep, s_extra = measure(lambda: bal_bce_forward(
+                    x, scaled, label_a=target.label_a, label_b=target.label_b, lam=LAM, smoothing=SMOOTHING, config=cfg))
+                s_extra["fraction_of_copy"] = cp_med / s_med
+                rows.append(row(f"fused kernel, launch {'x'.join(map(str, cfg))} (BLOCK_N x BLOCK_C x warps)", "triton",
+                                s_med, s_sp, s_rep, s_extra, "copy (logits.clone)", cp_med / s_med))
     else:
         reason = "needs CUDA (Triton interpreter timings are meaningless)"
         rows.append(unavailable(PART, fb, "triton", device, reason, shape=shape, dtype=dname))

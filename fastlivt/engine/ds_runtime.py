@@ -122,6 +122,8 @@ def build_deepspeed_config(cfg: TrainConfig, world: int, use_cuda: bool) -> Dict
     # Linear/Conv weights): the plain engine's numerics, and fp32 inputs need no cast. DeepSpeed's other bf16 mode
     # (``"bf16": {"enabled": true}``, bf16 weights) is mapped onto it.
     bf16 = cfg.run.amp == "bf16" and use_cuda
+    if cfg.run.cpu_bf16:
+        raise ConfigError("run.cpu_bf16: CPU autocast is for the plain engine; drop it or the deepspeed entry")
     if cfg.run.amp == "bf16" and not use_cuda:
         log.info("bf16 off: run.amp=bf16 applies on CUDA only (as in the plain engine); training in fp32 on CPU")
     if ds.get("bf16", {}).get("enabled", False):

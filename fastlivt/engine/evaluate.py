@@ -100,8 +100,8 @@ def run_evaluation(checkpoint: str, data: str, out: Optional[str] = None, train_
     val_manifest = loader.manifest
     if val_manifest.num_classes != len(counts):
         raise ValueError(f"{data}: {val_manifest.num_classes} classes, the model was trained on {len(counts)}")
-    use_bf16 = dev.type == "cuda" and cfg.run.amp == "bf16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    use_bf16 = cfg.run.amp == "bf16" and (dev.type == "cuda" or cfg.run.cpu_bf16)
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     logits, labels = predict(model, loader, autocast)
     out_dir = Path(out) if out else path.parent / f"eval-{Path(data).name}"
     metrics = evaluate_outputs(logits, labels, counts, val_manifest.class_names, out_dir, confidence=confidence)

@@ -76,9 +76,12 @@ class TorchRuntime(Runtime):
             log.info("DDP: rank %d/%d, backend %s", self.rank, self.world, backend)
         if cfg.run.amp not in ("bf16", "fp32"):
             raise ConfigError(f"run.amp: expected bf16 or fp32, got {cfg.run.amp!r}")
-        self.bf16 = cfg.run.amp == "bf16" and self.device.type == "cuda"
+        self.bf16 = cfg.run.amp == "bf16" and (self.device.type == "cuda" or cfg.run.cpu_bf16)
         if cfg.run.amp == "bf16" and not self.bf16:
-            log.info("bf16 autocast off: run.amp=bf16 applies on CUDA only; training in fp32 on %s", self.device)
+            log.info("bf16 autocast off: run.amp=bf16 applies on CUDA (on CPU with run.cpu_bf16=true); training in fp32 "
+                     "on %s", self.device)
+        elif self.bf16 and self.device.type == "cpu":
+            log.info("bf16 autocast on CPU (run.cpu_bf16=true)")
         if cfg.optim.accum_iter < 1:
             raise ConfigError(f"optim.accum_iter must be >= 1, got {cfg.optim.accum_iter}")
         self.accum_steps = cfg.optim.accum_iter
@@ -109,10 +112,10 @@ class TorchRuntime(Runtime):
         return (self.micro_steps + 1) % self.accum_steps == 0
 
     def autocast(self) -> ContextManager:
-        """The forward context of one micro-batch: bf16 autocast on CUDA, and DDP ``no_sync`` inside a cycle."""
+        """The forward context of one micro-batch: bf16 autocast (see ``run.amp``), and DDP ``no_sync`` inside a cycle."""
         stack = contextlib.ExitStack()
         if self.bf16:
-            stack.enter_context(torch.autocast(device_type="cuda", dtype=torch.bfloat16))
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
         if isinstance(self.model, DistributedDataParallel) and not self._ends_cycle():
             stack.enter_context(self.model.no_sync())
         return stack

@@ -6,6 +6,9 @@
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA);
 - ``math``: the explicit softmax(QKᵀ/√d)·V, the reference the others are tested against;
 - ``auto``: xformers on CUDA when it imports and runs, SDPA otherwise; the choice and its reason are logged once.
+  Under CPU autocast (bf16/fp16 inputs on CPU) ``auto`` takes ``math``: PyTorch's CPU SDPA is slow in reduced
+  precision (backward ~3.5× its fp32 time at the demo's shapes), while the written-out form runs as bf16 matmuls
+  (1.29× the demo's whole BFT step over SDPA in fp32). An explicit ``sdpa`` there runs SDPA in fp32.
 
 :class:`Attention` is timm's ``Attention`` (same ``qkv``/``proj`` parameters, names and shapes, so timm checkpoints and
 our exports load unchanged) whose core calls :func:`attend`; pass ``attn_layer=attention_layer(backend)`` to timm's
@@ -113,6 +116,15 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     return _resolve(name, device.type, index)
 
 
+def _low_precision_cpu(requested: str, chosen: str, q: torch.Tensor) -> str:
+    """``auto`` on CPU with bf16/fp16 inputs (CPU autocast) means ``math``; anything else stays ``chosen``."""
+    if requested == "auto" and chosen == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        _log_once(("auto-cpu-low", q.dtype), "attention backend auto -> math for %s on cpu: PyTorch's CPU SDPA is slow "
+                  "in reduced precision", q.dtype)
+        return "math"
+    return chosen
+
+
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                    scale: Optional[float] = None) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale)·V written out, for [..., L, d] tensors; the softmax runs in float32 at least."""
@@ -136,7 +148,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "au
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attend: q, k, v must be 4-D ({layout}), got shapes {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    chosen = resolve_backend(backend, q.device)
+    chosen = _low_precision_cpu(backend, resolve_backend(backend, q.device), q)
     if chosen == "xformers":
         import xformers.ops as xops
 
@@ -146,7 +158,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "au
         return out.transpose(1, 2) if layout == "bhld" else out
     if layout == "blhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    if chosen == "sdpa":
+    if chosen == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # CPU autocast: SDPA's reduced-precision CPU backward is ~3.5x slower than fp32's on small heads; run it in
+        # fp32 (outside autocast, which would cast the inputs back down)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, scale=scale)
+        out = out.to(q.dtype)
+    elif chosen == "sdpa":
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     else:
         out = math_attention(q, k, v, dropout_p=dropout_p, scale=scale)
@@ -183,7 +201,7 @@ class Attention(TimmAttention):
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             q, k = self.q_norm(q), self.k_norm(k)
-            out = attend(q, k, v, backend, dropout_p, self.scale).transpose(1, 2)
+            out = attend(q, k, v, _low_precision_cpu(self.backend, backend, q), dropout_p, self.scale).transpose(1, 2)
         x = self.norm(out.reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate

@@ -18,13 +18,14 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from timm.layers import LayerNorm, PatchEmbed
+from timm.layers import LayerNorm
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastlivt.models.attention import attention_layer, check_backend_name
+from fastlivt.models.layers import PatchEmbed
 from fastlivt.models.vit import DECODER_PREFIXES, ENCODER_PREFIXES, arch_spec
 
 

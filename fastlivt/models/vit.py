@@ -20,6 +20,7 @@ from torch import nn
 
 from fastlivt.logs import get_logger
 from fastlivt.models.attention import attention_layer, check_backend_name
+from fastlivt.models.layers import PatchEmbed
 
 log = get_logger(__name__)
 
@@ -67,7 +68,7 @@ def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes:
     model = VisionTransformer(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
         mlp_ratio=4.0, qkv_bias=True, drop_path_rate=drop_path,
-        attn_layer=attention_layer(check_backend_name(attention)),
+        attn_layer=attention_layer(check_backend_name(attention)), embed_layer=PatchEmbed,
         **spec)
     if num_classes > 0:
         trunc_normal_(model.head.weight, std=2e-5)
