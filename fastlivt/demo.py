@@ -7,7 +7,7 @@
 4. evaluation of each final model (not a test-selected "best") on the test set: overall, many, medium, few, the five
    rarest classes, ECE and MCE; a table (printed, ``results.md``), ``results.json`` and ``results.png``.
 
-``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about a quarter of an hour on 2 cores
+``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about 17 minutes on 2 cores
 (bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``). ``--proxy`` runs the same pipeline on a split of the
 *training* images only (an LT subset of all but 500 per class, evaluated on those 500 per class): the schedule
 was chosen there, never on the test set.
@@ -28,7 +28,7 @@ log = get_logger(__name__)
 LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
-# The demo's schedule (config overrides per stage), sized for ~15 min on 2 CPU cores; --quick is a smoke run.
+# The demo's schedule (config overrides per stage), sized for ~17 min on 2 CPU cores (bf16); --quick is a smoke run.
 FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=12", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}
