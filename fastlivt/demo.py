@@ -7,6 +7,10 @@
 4. evaluation of each final model (not a test-selected "best") on the test set: overall, many, medium, few, the five
    rarest classes, ECE and MCE; a table (printed, ``results.md``), ``results.json`` and ``results.png``.
 
+``--seeds 0,1,2`` repeats steps 2-4 per seed (under ``OUT/seed_<s>``) and reports every figure as mean ± std over
+the seeds, per seed, and which of the paper's claims hold on every seed. Extra ``key=value`` arguments override the
+BFT config of every loss (``fastlivt demo --proxy --seeds 0,1,2 data.mixup=0.8 data.cutmix=1.0``).
+
 ``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about 17 minutes on 2 cores
 (bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``). ``--proxy`` runs the same pipeline on a split of the
 *training* images only (an LT subset of all but 500 per class, evaluated on those 500 per class): the schedule
@@ -22,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from fastlivt.demo_results import (Results, aggregate, per_class_accuracy, per_seed_table, plot_results,
+                                   results_table, summary_table)
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -90,54 +96,66 @@ def convert_split(split: str, out: Path, imbalance: Optional[float], root: str =
     return convert(cfg, progress=True)
 
 
-def per_class_accuracy(eval_dir: Path) -> List[float]:
-    """Per-class test accuracy in percent, from the evaluation's per_class.csv."""
-    import csv
-
-    with open(eval_dir / "per_class.csv") as f:
-        return [float(r["accuracy"]) if r["accuracy"] else float("nan") for r in csv.DictReader(f)]
-
-
-def rarest_classes(counts: List[int], k: int = 5) -> List[int]:
-    return sorted(range(len(counts)), key=lambda c: (counts[c], c))[:k]
-
-
-def results_table(results: Dict[str, Dict[str, Any]], counts: List[int], names: List[str]) -> str:
-    rare = rarest_classes(counts)
-    pct = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731  (every value is in percent)
-    head = ["loss", "overall", "many", "medium", "few"] + [f"{names[c]} (n={counts[c]})" for c in rare] + ["ECE", "MCE"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for loss, m in results.items():
-        per_class = m["per_class_accuracy"]
-        cells = [loss, pct(m["overall"]), pct(m["many"]), pct(m["medium"]), pct(m["few"])]
-        cells += [pct(per_class[c]) for c in rare] + [f"{m['ece']:.2f}", f"{m['mce']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def parse_seeds(text: str) -> List[int]:
+    """``"0,1,2"`` → [0, 1, 2] (distinct, in order); a clear error otherwise."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip() != ""]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: expected distinct integers, got {text!r}")
+    return seeds
 
 
-def plot_results(results: Dict[str, Dict[str, Any]], counts: List[int], path: Path) -> None:
-    import matplotlib
+def run_seed(seed: int, out: Path, data: Path, test_split: str, losses: List[str], plan: Dict[str, List[str]],
+             backend: str, bf16: bool) -> tuple[Results, Dict[str, float]]:
+    """MGP once, then BFT with each loss from that encoder, each evaluated on ``data/test_split``; all under ``out``."""
+    from fastlivt.config import TrainConfig, load_config
+    from fastlivt.engine.evaluate import run_evaluation
+    from fastlivt.engine.finetune import MODEL_EXPORT, BFTTask
+    from fastlivt.engine.loop import train
+    from fastlivt.engine.pretrain import ENCODER_EXPORT, MGPTask
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    common = [f"data.train={data / 'train'}", f"data.backend={backend}", f"run.seed={seed}",
+              f"run.cpu_bf16={str(bf16).lower()}"]
+    t0 = time.perf_counter()
+    train(load_config(TrainConfig, CONFIGS / "mgp.yaml", common + plan["mgp"] + [f"run.out={out / 'mgp'}"]), MGPTask())
+    timings = {"mgp_s": time.perf_counter() - t0}
+    encoder = out / "mgp" / ENCODER_EXPORT
+    results: Results = {}
+    for loss in losses:
+        bft = common + plan["bft"] + [f"run.out={out / ('bft_' + loss)}", f"model.init={encoder}", f"loss.name={loss}",
+                                      "data.val="]
+        t0 = time.perf_counter()
+        train(load_config(TrainConfig, CONFIGS / "bft.yaml", bft), BFTTask())
+        timings[f"bft_{loss}_s"] = time.perf_counter() - t0
+        m = run_evaluation(str(out / ("bft_" + loss) / MODEL_EXPORT), str(data / test_split), out=str(out / f"eval_{loss}"),
+                           train_manifest=str(data / "train"), overrides=[f"data.backend={backend}"])
+        m["per_class_accuracy"] = per_class_accuracy(out / f"eval_{loss}")
+        results[loss] = m
+    return results, timings
 
-    order = sorted(range(len(counts)), key=lambda c: -counts[c])
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(results)
-    for i, (loss, m) in enumerate(results.items()):
-        acc = [m["per_class_accuracy"][c] for c in order]
-        ax.bar(np.arange(len(order)) + i * width, acc, width, label=loss)
-    ax.set_xticks(np.arange(len(order)) + 0.4 - width / 2, [f"{c}\n(n={counts[c]})" for c in order], fontsize=7)
-    ax.set_xlabel("class (training images), head to tail")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Fashion-MNIST-LT (γ=100): per-class accuracy after BFT from one MGP encoder")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+
+def write_results(out: Path, header: str, per_seed: Dict[int, Results], counts: List[int], names: List[str],
+                  record: Dict[str, Any]) -> str:
+    """results.md / results.json / results.png under ``out``; one seed: its table; several: mean ± std, the
+    claims seed by seed, the overall accuracy per seed. Returns the markdown."""
+    if len(per_seed) == 1:
+        (seed, results), = per_seed.items()
+        text = header + "\n\n" + results_table(results, counts, names) + "\n"
+        record = {**record, "seed": seed, "results": results}
+    else:
+        summary = aggregate(per_seed)
+        text = (header + "\n\nmean ± std over seeds " + ", ".join(map(str, sorted(per_seed))) + "\n\n"
+                + summary_table(summary, counts, names) + "\n\noverall accuracy per seed\n\n"
+                + per_seed_table(per_seed) + "\n")
+        record = {**record, "seeds": sorted(per_seed), "summary": summary,
+                  "per_seed": {str(s): r for s, r in per_seed.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(record, indent=1, default=str))
+    plot_results(per_seed, counts, out / "results.png")
+    return text
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,7 +163,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run of every stage (< 3 min on 2 cores)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; quick: runs/demo-quick)")
     p.add_argument("--data", default="data/fmnist_lt", help="where the converted splits go (reused when they verify)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the training seed of a one-seed run")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (e.g. 0,1,2): the whole pipeline per seed under "
+                                                 "OUT/seed_<s>, figures reported as mean ± std and per seed")
     p.add_argument("--backend", default="ffcv", choices=("ffcv", "dali", "torch"), help="loader backend")
     p.add_argument("--losses", default=",".join(LOSSES), help="comma-separated subset of " + ",".join(LOSSES))
     p.add_argument("--proxy", action="store_true",
@@ -154,6 +174,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--bft-epochs", type=int, default=None, help="BFT epochs per loss (default: 12; quick: 1)")
     p.add_argument("--cpu-bf16", choices=("auto", "on", "off"), default="auto",
                    help="bf16 autocast on CPU, both stages (auto: on where the CPU has AVX512-BF16 or AMX)")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="BFT config overrides key=value for every loss (e.g. data.mixup=0.8 loss.tau=1.05)")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not Path(FMNIST, "train-images-idx3-ubyte.gz").is_file():
         print(f"fastlivt demo: {FMNIST} not found; install Debian's dataset-fashion-mnist (bash scripts/install.sh)",
@@ -163,12 +185,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bad = [x for x in losses if x not in LOSSES]
     if bad:
         p.error(f"--losses: unknown {bad}; choose from {LOSSES}")
-
-    from fastlivt.config import TrainConfig, load_config
-    from fastlivt.engine.evaluate import run_evaluation
-    from fastlivt.engine.finetune import MODEL_EXPORT, BFTTask
-    from fastlivt.engine.loop import train
-    from fastlivt.engine.pretrain import ENCODER_EXPORT, MGPTask
+    try:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [args.seed]
+    except ValueError as e:
+        p.error(str(e))
 
     t_start = time.perf_counter()
     plan = QUICK if args.quick else FULL
@@ -176,6 +196,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.bft_epochs < 1:
             p.error(f"--bft-epochs must be >= 1, got {args.bft_epochs}")
         plan = {**plan, "bft": plan["bft"] + [f"run.epochs={args.bft_epochs}", f"optim.warmup_epochs={min(1, args.bft_epochs / 5)}"]}
+    if args.overrides:
+        plan = {**plan, "bft": plan["bft"] + list(args.overrides)}
+    from fastlivt.config import ConfigError, TrainConfig, load_config
+
+    try:  # a bad override fails now, not after the conversion and MGP
+        load_config(TrainConfig, CONFIGS / "bft.yaml", plan["bft"])
+    except ConfigError as e:
+        p.error(str(e))
     out = Path(args.out)
     if args.out == "runs/demo":
         out = Path("runs/demo" + ("-proxy" if args.proxy else "") + ("-quick" if args.quick else ""))
@@ -190,41 +218,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     bf16 = args.cpu_bf16 == "on" or (args.cpu_bf16 == "auto" and cpu_has_bf16())
     log.info("demo: bf16 autocast on CPU %s (--cpu-bf16 %s)", "on" if bf16 else "off", args.cpu_bf16)
 
-    common = [f"data.train={data / 'train'}", f"data.backend={args.backend}", f"run.seed={args.seed}",
-              f"run.cpu_bf16={str(bf16).lower()}"]
-    mgp = common + plan["mgp"] + [f"run.out={out / 'mgp'}"]
-    t0 = time.perf_counter()
-    train(load_config(TrainConfig, CONFIGS / "mgp.yaml", mgp), MGPTask())
-    timings = {"mgp_s": time.perf_counter() - t0}
-    encoder = out / "mgp" / ENCODER_EXPORT
-
-    results: Dict[str, Dict[str, Any]] = {}
-    for loss in losses:
-        bft = common + plan["bft"] + [f"run.out={out / ('bft_' + loss)}", f"model.init={encoder}", f"loss.name={loss}",
-                                      "data.val="]
-        t0 = time.perf_counter()
-        train(load_config(TrainConfig, CONFIGS / "bft.yaml", bft), BFTTask())
-        timings[f"bft_{loss}_s"] = time.perf_counter() - t0
-        m = run_evaluation(str(out / ("bft_" + loss) / MODEL_EXPORT), str(data / test_split), out=str(out / f"eval_{loss}"),
-                           train_manifest=str(data / "train"), overrides=[f"data.backend={args.backend}"])
-        m["per_class_accuracy"] = per_class_accuracy(out / f"eval_{loss}")
-        results[loss] = m
+    per_seed: Dict[int, Results] = {}
+    timings: Dict[str, Any] = {}
+    for seed in seeds:
+        seed_out = out if args.seeds is None else out / f"seed_{seed}"
+        per_seed[seed], timings[f"seed_{seed}"] = run_seed(seed, seed_out, data, test_split, losses, plan, args.backend, bf16)
+        if args.seeds is not None:  # each seed's own table, written as soon as it is done
+            write_results(seed_out, f"seed {seed}", {seed: per_seed[seed]}, train_m.class_counts, train_m.class_names, {})
     timings["total_s"] = time.perf_counter() - t_start
 
-    table = results_table(results, train_m.class_counts, train_m.class_names)
     what = "held-out training (proxy val)" if args.proxy else "test"
-    header = (f"Fashion-MNIST-LT γ=100 ({train_m.num_samples} train / {test_m.num_samples} {what} images), seed {args.seed}, "
-              f"{'quick' if args.quick else 'full'} run, {timings['total_s'] / 60:.1f} min; accuracies and ECE/MCE in %")
-    text = header + "\n\n" + table + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"seed": args.seed, "quick": args.quick, "proxy": args.proxy,
-                                                  "cpu_bf16": bf16, "plan": plan, "timings": timings,
-                                                  "train_class_counts": train_m.class_counts, "results": results},
-                                                 indent=1, default=str))
-    plot_results(results, train_m.class_counts, out / "results.png")
+    header = (f"Fashion-MNIST-LT γ=100 ({train_m.num_samples} train / {test_m.num_samples} {what} images), "
+              f"seed(s) {', '.join(map(str, seeds))}, {'quick' if args.quick else 'full'} run, "
+              f"{timings['total_s'] / 60:.1f} min; accuracies and ECE/MCE in %")
+    record = {"quick": args.quick, "proxy": args.proxy, "cpu_bf16": bf16, "plan": plan, "timings": timings,
+              "train_class_counts": train_m.class_counts}
+    text = write_results(out, header, per_seed, train_m.class_counts, train_m.class_names, record)
     print(text)
-    print(f"wrote {out / 'results.md'}, results.json, results.png; per-loss metrics, per-class CSVs and plots in {out}/eval_*")
+    print(f"wrote {out / 'results.md'}, results.json, results.png; per-loss metrics, per-class CSVs and plots under {out}")
     return 0
 
 
