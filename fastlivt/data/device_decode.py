@@ -158,12 +158,15 @@ def decode_batch(encoded: Sequence[torch.Tensor], names: Sequence[str], device: 
 
 # ---------------------------------------------------------------------------------------------------- resampling
 def _resample(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8/float ``[3,h,w]`` -> float ``[3,height,width]`` (antialiased bicubic, values clamped to 0..255)."""
+    """uint8 ``[3,h,w]`` -> uint8 ``[3,height,width]``, antialiased bicubic (torchvision's tensor ``resize``): on the
+    CPU torch's uint8 kernel (rounds and saturates itself), on CUDA in float32, clamped and rounded."""
     if image.shape[1] == height and image.shape[2] == width:
-        return image.float()
-    x = F.interpolate(image.unsqueeze(0).float(), size=(height, width), mode="bicubic", align_corners=False,
-                      antialias=True)
-    return x.squeeze(0).clamp_(0, 255)
+        return image
+    x = image.unsqueeze(0)
+    if image.device.type != "cpu":
+        x = x.float()
+    x = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True).squeeze(0)
+    return x if x.dtype == torch.uint8 else x.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def crop_resize(images: Sequence[torch.Tensor], top: np.ndarray, left: np.ndarray, height: np.ndarray,
@@ -173,7 +176,7 @@ def crop_resize(images: Sequence[torch.Tensor], top: np.ndarray, left: np.ndarra
     out = torch.empty((len(images), 3, size, size), dtype=torch.uint8, device=images[0].device)
     for i, image in enumerate(images):
         t, l, h, w = int(top[i]), int(left[i]), int(height[i]), int(width[i])
-        out[i] = _resample(image[:, t:t + h, l:l + w], size, size).round_()
+        out[i] = _resample(image[:, t:t + h, l:l + w], size, size)
     flipped = torch.from_numpy(np.flatnonzero(flip)).to(out.device)
     if flipped.numel():
         out[flipped] = out[flipped].flip(-1)
@@ -192,5 +195,5 @@ def resize_center_crop(images: Sequence[torch.Tensor], resize: int, size: int) -
         if nh < size or nw < size:
             raise ValueError(f"eval resize {resize} of a {h}x{w} image is smaller than the crop {size}")
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-        out[i] = _resample(image, nh, nw)[:, top:top + size, left:left + size].round_()
+        out[i] = _resample(image, nh, nw)[:, top:top + size, left:left + size]
     return out
