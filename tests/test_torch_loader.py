@@ -185,6 +185,17 @@ def test_batches_do_not_depend_on_workers_or_instance(converted, stage, extra):
     assert not torch.equal(_epoch(seed)[0], runs[0][0][0])
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_in_the_loader_thread_gives_the_same_batches(converted, workers):
+    """CUDA's layout (workers only read bytes; the loader's thread decodes and crops on the device), run on CPU."""
+    cfg = _cfg(converted, f"data.workers={workers}")
+    reference = _epoch(build_loader(cfg, "train", "pretrain"))
+    loader = build_loader(cfg, "train", "pretrain")
+    loader.device_decode, loader.dataset.decode_here = True, False
+    got = _epoch(loader)
+    assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
+
+
 def test_randaugment_changes_the_finetune_images(converted):
     plain = _epoch(build_loader(_cfg(converted), "train", "finetune"))[0]
     ra = build_loader(_cfg(converted, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune")

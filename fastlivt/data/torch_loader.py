@@ -138,7 +138,7 @@ class TorchLoader(EpochLoader):
     def _finish_on_stream(self, item):
         if self._stream is None:
             return self._finish(item), None
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             # nvJPEG writes on its own stream into memory allocated on this one: let earlier work here finish first
             self._stream.synchronize()
             batch = self._finish(item)
