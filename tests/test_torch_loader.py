@@ -34,17 +34,50 @@ def _pattern(h: int, w: int, blue: int) -> np.ndarray:
     return np.stack([2 * cols, 2 * rows, np.full((h, w), blue)], -1).astype(np.uint8)
 
 
+def _write_split(out, shard_size: int = 12):
+    """A split in the converter's layout written by hand (webdataset tars of KEY.jpg + KEY.lbl, labels.npy,
+    manifest.json without .idx files), so these tests need only torch, torchvision and Pillow."""
+    import tarfile
+
+    from fastlivt.manifest import Manifest
+
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
+    shards, sizes = [], []
+    for first in range(0, N, shard_size):
+        shards.append(f"train-{len(shards):05d}.tar")
+        sizes.append(min(shard_size, N - first))
+        with tarfile.open(out / shards[-1], "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(first, first + sizes[-1]):
+                h, w = (int(v) for v in rng.integers(60, 120, 2))
+                buf = io.BytesIO()
+                Image.fromarray(_pattern(h, w, 10 + 7 * i)).save(buf, format="JPEG", quality=95)
+                for ext, data in (("jpg", buf.getvalue()), ("lbl", np.int32(labels[i]).tobytes())):
+                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    np.save(out / "labels.npy", labels)
+    Manifest(source="test", split="train", num_classes=len(COUNTS), class_names=[f"c{c}" for c in range(len(COUNTS))],
+             class_counts=COUNTS, num_samples=N, dali_shards=shards, shard_sizes=sizes).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return _write_split(tmp_path_factory.mktemp("tl") / "out")
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tl")
-    rng = np.random.default_rng(1)
-    gid = 0
+    """The same kind of images through the converter (needs FFCV and DALI): for the plan comparison."""
+    pytest.importorskip("ffcv")
+    pytest.importorskip("nvidia.dali")
+    root = tmp_path_factory.mktemp("tlc")
     for c, n in enumerate(COUNTS):
         (root / "src" / f"c{c}").mkdir(parents=True)
-        for _ in range(n):
-            h, w = (int(v) for v in rng.integers(60, 120, 2))
-            Image.fromarray(_pattern(h, w, 10 + 7 * gid)).save(root / "src" / f"c{c}" / f"{gid}.jpg", quality=95)
-            gid += 1
+        for k in range(n):
+            Image.fromarray(_pattern(64 + k, 90 - k, 10 + c)).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
     from data_prep.cli import main as convert
 
     out = root / "out"
@@ -147,8 +180,8 @@ def test_crop_resize_takes_the_window_and_flips():
 
 
 # ------------------------------------------------------------------------------------------------ the loader
-def test_pretrain_crops_follow_the_per_sample_parameters(converted):
-    loader = build_loader(_cfg(converted), "train", "pretrain")
+def test_pretrain_crops_follow_the_per_sample_parameters(split):
+    loader = build_loader(_cfg(split), "train", "pretrain")
     loader.set_epoch(1)
     images, labels = _epoch(loader)
     plan = loader.plan(1)
@@ -160,7 +193,7 @@ def test_pretrain_crops_follow_the_per_sample_parameters(converted):
     got = _to_pixels(images)
     for k, pil in enumerate(pils):  # torchvision's PIL path as the independent reference
         ref = TF.resized_crop(pil, int(top[k]), int(left[k]), int(h[k]), int(w[k]), [32, 32], InterpolationMode.BICUBIC)
-        ref = torch.from_numpy(np.asarray(TF.hflip(ref) if flip[k] else ref)).permute(2, 0, 1).double()
+        ref = torch.from_numpy(np.array(TF.hflip(ref) if flip[k] else ref)).permute(2, 0, 1).double()
         assert (got[k] - ref).abs().mean() < 3, k
         if flip[k]:
             assert (got[k] - ref.flip(-1)).abs().mean() > 10  # the flip is visible in the pattern
@@ -168,27 +201,27 @@ def test_pretrain_crops_follow_the_per_sample_parameters(converted):
 
 
 @pytest.mark.parametrize("stage,extra", [("pretrain", []), ("finetune", ["data.auto_augment=rand-m9-mstd0.5-inc1"])])
-def test_batches_do_not_depend_on_workers_or_instance(converted, stage, extra):
+def test_batches_do_not_depend_on_workers_or_instance(split, stage, extra):
     runs = []
     for workers in (0, 1, 2):
-        loader = build_loader(_cfg(converted, f"data.workers={workers}", *extra), "train", stage)
+        loader = build_loader(_cfg(split, f"data.workers={workers}", *extra), "train", stage)
         py, npy = random.getstate(), np.random.get_state()[1].copy()
         runs.append([_epoch(loader) for _ in range(2)])
         assert random.getstate() == py and np.array_equal(np.random.get_state()[1], npy)  # globals untouched
-    again = build_loader(_cfg(converted, *extra), "train", stage)
+    again = build_loader(_cfg(split, *extra), "train", stage)
     runs.append([_epoch(again) for _ in range(2)])
     for other in runs[1:]:
         for (x0, y0), (x1, y1) in zip(runs[0], other):
             assert torch.equal(x0, x1) and torch.equal(y0, y1)
     assert not torch.equal(runs[0][0][0], runs[0][1][0])  # epochs differ
-    seed = build_loader(_cfg(converted, "run.seed=12", *extra), "train", stage)
+    seed = build_loader(_cfg(split, "run.seed=12", *extra), "train", stage)
     assert not torch.equal(_epoch(seed)[0], runs[0][0][0])
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_decode_in_the_loader_thread_gives_the_same_batches(converted, workers):
+def test_decode_in_the_loader_thread_gives_the_same_batches(split, workers):
     """CUDA's layout (workers only read bytes; the loader's thread decodes and crops on the device), run on CPU."""
-    cfg = _cfg(converted, f"data.workers={workers}")
+    cfg = _cfg(split, f"data.workers={workers}")
     reference = _epoch(build_loader(cfg, "train", "pretrain"))
     loader = build_loader(cfg, "train", "pretrain")
     loader.device_decode, loader.dataset.decode_here = True, False
@@ -196,9 +229,9 @@ def test_decode_in_the_loader_thread_gives_the_same_batches(converted, workers):
     assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1])
 
 
-def test_randaugment_changes_the_finetune_images(converted):
-    plain = _epoch(build_loader(_cfg(converted), "train", "finetune"))[0]
-    ra = build_loader(_cfg(converted, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune")
+def test_randaugment_changes_the_finetune_images(split):
+    plain = _epoch(build_loader(_cfg(split), "train", "finetune"))[0]
+    ra = build_loader(_cfg(split, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune")
     assert ra.path.startswith("CPU decode + crop + timm RandAugment")
     augmented = _epoch(ra)[0]
     changed = (plain - augmented).abs().flatten(1).mean(1) > 0.01
@@ -216,23 +249,23 @@ def test_plan_is_the_ffcv_and_dali_plan(converted):
     assert np.array_equal(_epoch(t)[1].numpy(), t.labels[t.plan(0)])
 
 
-def test_eval_is_resize_center_crop_normalised(converted):
-    loader = build_loader(_cfg(converted, "data.eval_crop_pct=0.75"), "val", "eval")
+def test_eval_is_resize_center_crop_normalised(split):
+    loader = build_loader(_cfg(split, "data.eval_crop_pct=0.75"), "val", "eval")
     images, labels = _epoch(loader)
     assert images.shape == (N, 3, 32, 32) and images.dtype == torch.float32
     assert [y.shape[0] for _, y in loader] == [8, 8, 8, 6]
-    assert np.array_equal(labels.numpy(), np.load(converted / "labels.npy"))
-    ref, _ = _epoch(PILLoader(_cfg(converted, "data.eval_crop_pct=0.75"), "val", "eval"))
+    assert np.array_equal(labels.numpy(), np.load(split / "labels.npy"))
+    ref, _ = _epoch(PILLoader(_cfg(split, "data.eval_crop_pct=0.75"), "val", "eval"))
     assert (_to_pixels(images) - _to_pixels(ref)).abs().mean() < 1.5
     pix = _to_pixels(images)
     assert pix.min() > -0.5 and pix.max() < 255.5
-    wide = _epoch(build_loader(_cfg(converted, "data.eval_crop_pct=1.0"), "val", "eval"))[0]
+    wide = _epoch(build_loader(_cfg(split, "data.eval_crop_pct=1.0"), "val", "eval"))[0]
     assert not torch.allclose(wide, images, atol=0.1)  # the crop percentage takes effect
 
 
-def test_bad_shard_bytes_fail_naming_the_shard_and_sample(converted, tmp_path):
+def test_bad_shard_bytes_fail_naming_the_shard_and_sample(split, tmp_path):
     bad = tmp_path / "bad"
-    shutil.copytree(converted, bad)
+    shutil.copytree(split, bad)
     reader = ShardReader(load_manifest(bad))
     for sample, data in ((13, b"GARBAGE!"), (3, b"\xff\xd8\xff\xdb" + b"\x55" * 60)):
         path, start = reader.paths[int(reader.shard[sample])], int(reader.offsets[sample])
@@ -250,8 +283,8 @@ def test_bad_shard_bytes_fail_naming_the_shard_and_sample(converted, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CUDA (nvJPEG)
 @pytest.mark.cuda
-def test_nvjpeg_decode_matches_cpu_decode(converted):
-    reader = ShardReader(load_manifest(converted))
+def test_nvjpeg_decode_matches_cpu_decode(split):
+    reader = ShardReader(load_manifest(split))
     encoded = [torch.from_numpy(reader[i]) for i in range(N)]
     names = [str(i) for i in range(N)]
     cpu = dd.decode_batch(encoded, names, torch.device("cpu"))
@@ -259,15 +292,24 @@ def test_nvjpeg_decode_matches_cpu_decode(converted):
     for a, b in zip(cpu, gpu):
         assert b.is_cuda and a.shape == b.shape
         assert (a.int() - b.cpu().int()).abs().float().mean() < 1.5
+    broken = encoded[3].clone()
+    broken[40:] = 0x55
+    with pytest.raises(dd.UndecodableSample, match="^3: corrupt JPEG"):
+        dd.decode_batch(encoded[:3] + [broken], names[:4], torch.device("cuda"))
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("stage", ["pretrain", "eval"])
-def test_cuda_loader_equals_cpu_loader_and_ignores_workers(converted, stage):
-    split = "val" if stage == "eval" else "train"
-    cpu = _epoch(build_loader(_cfg(converted), split, stage, device="cpu"))
-    runs = [_epoch(build_loader(_cfg(converted, f"data.workers={w}"), split, stage, device="cuda")) for w in (0, 2)]
+def test_cuda_loader_equals_cpu_loader_and_ignores_workers(split, stage):
+    part = "val" if stage == "eval" else "train"
+    cpu = _epoch(build_loader(_cfg(split), part, stage, device="cpu"))
+    runs = [_epoch(build_loader(_cfg(split, f"data.workers={w}"), part, stage, device="cuda")) for w in (0, 2)]
     assert runs[0][0].is_cuda
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert torch.equal(runs[0][1].cpu(), cpu[1])
     assert (_to_pixels(runs[0][0].cpu()) - _to_pixels(cpu[0])).abs().mean() < 2  # nvJPEG + float vs libjpeg + uint8
+    ft = [build_loader(_cfg(split, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune", device=d)
+          for d in ("cpu", "cuda")]
+    x_cpu, x_gpu = _epoch(ft[0])[0], _epoch(ft[1])[0]
+    assert x_gpu.is_cuda and not ft[1].device_decode  # timm's RandAugment path: decoded on the CPU, normalised on CUDA
+    torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-5)

@@ -37,7 +37,8 @@ Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 class Augmenter:
-    """decoded uint8 ``[3,H,W]`` images of samples ``indices`` in ``epoch`` -> uint8 ``[B,3,S,S]`` (picklable)."""
+    """decoded uint8 ``[3,H,W]`` images of samples ``indices`` in ``epoch`` -> ``[B,3,S,S]`` with values 0..255
+    (uint8 on the CPU, float32 on CUDA; picklable)."""
 
     def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
                  rand_augment=None):
@@ -72,8 +73,8 @@ def seeded_rand_augment(ra, image: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class ShardBatches(Dataset):
-    """Item k = batch k of the current plan: ``(encoded bytes, names, indices, labels)`` when ``decode_here`` is
-    False, otherwise ``(uint8 [B,3,S,S] images, labels)`` decoded and augmented on the CPU (in the worker)."""
+    """Item k = batch k of the current plan: ``(encoded bytes concatenated, their sizes, names, indices, labels)``
+    when ``decode_here`` is False, otherwise ``(uint8 [B,3,S,S] images, labels)`` decoded and augmented on the CPU (in the worker)."""
 
     def __init__(self, reader: ShardReader, labels: np.ndarray, augment: Augmenter, decode_here: bool):
         self.reader, self.labels, self.augment, self.decode_here = reader, labels, augment, decode_here
@@ -88,12 +89,13 @@ class ShardBatches(Dataset):
 
     def __getitem__(self, k: int):
         idx = self.batches[k]
-        encoded = [torch.from_numpy(self.reader[int(i)]) for i in idx]
+        arrays = [self.reader[int(i)] for i in idx]
         names = [self.name(int(i)) for i in idx]
         labels = torch.from_numpy(self.labels[idx].astype(np.int64))
-        if not self.decode_here:
-            return encoded, names, torch.from_numpy(idx), labels
-        images = dd.decode_batch(encoded, names, torch.device("cpu"))
+        if not self.decode_here:  # one buffer: a worker hands over one shared-memory block, not B of them
+            sizes = torch.tensor([a.size for a in arrays], dtype=torch.int64)
+            return torch.from_numpy(np.concatenate(arrays)), sizes, names, torch.from_numpy(idx), labels
+        images = dd.decode_batch([torch.from_numpy(a) for a in arrays], names, torch.device("cpu"))
         return self.augment(images, idx, self.epoch), labels
 
 
@@ -127,8 +129,8 @@ class TorchLoader(EpochLoader):
     def _finish(self, item) -> Tuple[torch.Tensor, torch.Tensor]:
         """A DataLoader item -> (normalised images, labels) on the device (runs on the side stream on CUDA)."""
         if self.device_decode:
-            encoded, names, idx, labels = item
-            images = dd.decode_batch(encoded, names, self.device)
+            blob, sizes, names, idx, labels = item
+            images = dd.decode_batch(list(torch.split(blob, sizes.tolist())), names, self.device)
             images = self.augment(images, idx.numpy(), self.dataset.epoch)
         else:
             images, labels = item
