@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
