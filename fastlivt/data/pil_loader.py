@@ -1,9 +1,9 @@
 """PIL decoding + torchvision/timm transforms in ``torch.utils.data.DataLoader`` workers: the reference loader.
 
 Not a ``data.backend``: the correctness reference of the tests and the baseline of ``fastlivt bench data`` — the way
-LiVT's and MAE's own code load data (transforms in the workers
-ending with ``ToTensor`` + ``Normalize``), reading the encoded images from the webdataset shards by offset
-(:class:`~fastlivt.data.shards.ShardReader`) in the order of the same sampler plan as the backends.
+LiVT's and MAE's own code load data (transforms in the workers ending with ``ToTensor`` + ``Normalize``), reading
+the encoded images from the webdataset shards by offset (:class:`~fastlivt.data.shards.ShardReader`) in the order
+of the same sampler plan as the backends.
 
 * pretrain: ``RandomResizedCrop(scale=data.rrc_scale, bicubic)`` + ``RandomHorizontalFlip``;
 * finetune: timm ``create_transform(is_training=True, auto_augment=data.auto_augment, interpolation='bicubic')``
