@@ -1,5 +1,11 @@
-"""``fastlivt bench data``: loader throughput (images/s) and CPU-seconds per image, every backend against the torch
-(PIL + DataLoader) baseline measured in the same run, on the same converted data.
+"""``fastlivt bench data``: loader throughput (images/s) and CPU-seconds per image, every backend against the PIL +
+DataLoader baseline (``torch-pil``, :mod:`fastlivt.data.pil_loader`) measured in the same run, on the same data.
+
+Backends: ``torch-pil`` (baseline), ``ffcv-jpg``, ``ffcv-raw``, ``dali-cpu``, ``dali-mixed`` (CUDA) and the torch
+backend (``data.backend=torch``): ``torch-nvjpeg`` on CUDA (batched nvJPEG decode + crop on the GPU) or
+``torch-decode-cpu`` (the same code on CPU tensors). A ``decode+crop`` row times that decode + RandomResizedCrop +
+flip + normalise alone at 224 px on JPEGs held in memory (no reading, no threads), the figure to compare with the
+training step's images/s; it needs only torch and torchvision (no conversion, no FFCV/DALI).
 
 Datasets (built with the converter in a temporary directory):
 
@@ -34,6 +40,7 @@ from fastlivt.logs import get_logger
 log = get_logger(__name__)
 FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 PIPELINES = {"MGP": "pretrain", "BFT": "finetune"}
+BASELINE = "torch-pil"
 
 
 def _cpu_seconds() -> float:
@@ -98,11 +105,14 @@ def build_inputs(tmp: Path, quick: bool) -> Dict[str, Dict[str, object]]:
     return sets
 
 
-def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int) -> Tuple[List[float], float, int]:
-    """Images/s of each of ``repeats`` timed epochs, CPU-seconds per image over them, images per epoch."""
+def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int,
+            pil_baseline: bool = False) -> Tuple[List[float], float, int]:
+    """Images/s of each of ``repeats`` timed epochs, CPU-seconds per image over them, images per epoch
+    (``pil_baseline``: the PIL reference loader instead of ``cfg.data.backend``)."""
     from fastlivt.data import build_loader
+    from fastlivt.data.pil_loader import PILLoader
 
-    loader = build_loader(cfg, "train", stage, device=device)
+    loader = PILLoader(cfg, "train", stage, device=device) if pil_baseline else build_loader(cfg, "train", stage, device=device)
     loader.skip(max(0, len(loader) - 2))  # warm-up: the last two batches of epoch 0 (compiles / builds)
     for _ in loader:
         pass
@@ -118,9 +128,10 @@ def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int) ->
 
 
 def _variants(entry: Dict[str, object], device: torch.device) -> List[Tuple[str, Optional[str], List[str]]]:
-    """(backend label, data dir or None, config overrides); the torch baseline first."""
+    """(backend label, data dir or None, config overrides); the PIL baseline first."""
     jpg, raw = str(entry["jpg"]), entry.get("raw")
-    out = [("torch", jpg, ["data.backend=torch"]),
+    torch_label = "torch-nvjpeg" if device.type == "cuda" else "torch-decode-cpu"
+    out = [(BASELINE, jpg, ["data.backend=torch"]), (torch_label, jpg, ["data.backend=torch"]),
            ("ffcv-jpg", jpg, ["data.backend=ffcv"]),
            ("ffcv-raw", str(raw) if raw else None, ["data.backend=ffcv"]),
            ("dali-cpu", jpg, ["data.backend=dali", "data.dali_device=cpu"])]
@@ -128,12 +139,65 @@ def _variants(entry: Dict[str, object], device: torch.device) -> List[Tuple[str,
     return out
 
 
-def run(quick: bool, device: torch.device) -> List[Row]:
-    from ffcv.pipeline.compiler import Compiler
+def _synthetic_jpegs(count: int, size: int, seed: int = 0) -> List[torch.Tensor]:
+    """``count`` JPEGs (quality 90, longest side ``size``, landscape and portrait) of smooth random content, encoded
+    with torchvision (no other dependency)."""
+    from torchvision.io import encode_jpeg
 
-    rows: List[Row] = []
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(count):
+        h, w = (size * 3 // 4, size) if k % 2 == 0 else (size, size * 3 // 4)
+        coarse = torch.rand((1, 3, max(2, h // 32), max(2, w // 32)), generator=g) * 255
+        img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+        img = img + torch.randint(-12, 13, img.shape, generator=g)
+        out.append(encode_jpeg(img.clamp(0, 255).to(torch.uint8), quality=90))
+    return out
+
+
+def decode_rows(quick: bool, device: torch.device) -> List[Row]:
+    """The torch backend's batched decode + RandomResizedCrop + flip + normalise at 224 px, on JPEGs in memory."""
+    from fastlivt.data import device_decode as dd
+    from fastlivt.data.augment import Normalize
+    from fastlivt.data.torch_loader import Augmenter
+
+    count, batch, repeats = (64, 32, 2) if quick else (1024, 256, 5)
+    jpegs = _synthetic_jpegs(count, 500)
+    names = [f"synthetic {k}" for k in range(count)]
+    augment = Augmenter("pretrain", 224, 0, (0.2, 1.0), 256)
+    normalize = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), device)
+    backend = "torch-nvjpeg" if device.type == "cuda" else "torch-decode-cpu"
+
+    def epoch(e: int) -> None:
+        for k in range(0, count, batch):
+            images = dd.decode_batch(jpegs[k:k + batch], names[k:k + batch], device)
+            normalize(augment(images, np.arange(k, min(k + batch, count)), e))
+
+    epoch(0)  # warm-up (nvJPEG handles, allocator)
+    rates = []
+    for r in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        epoch(r + 1)
+        sync(device)
+        rates.append(count / (time.perf_counter() - t0))
+    where = "GPU (nvJPEG)" if device.type == "cuda" else "CPU tensors, the same code path"
+    return [Row(part="data", name="decode+RRC+flip+normalise 224, in-memory JPEGs", backend=backend,
+                device=device_name(device), shape=f"B={batch} 224x224 from 500x375", dtype="uint8->float32",
+                unit="img/s", median=statistics.median(rates), spread=(max(rates) - min(rates)) / 2, repeats=repeats,
+                extra={"images": count, "where": where, "threads": torch.get_num_threads()})]
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    rows: List[Row] = decode_rows(quick, device)
     dev = device_name(device)
     repeats = 1 if quick else 3
+    try:
+        from ffcv.pipeline.compiler import Compiler
+    except ImportError as e:  # the converter needs FFCV (its resizer and JPEG encoder)
+        for pipe in PIPELINES:
+            rows.append(unavailable("data", f"{pipe} loaders", "all", device, f"converting the inputs needs ffcv: {e}"))
+        return rows
     Compiler.set_enabled(not quick)
     try:
         with tempfile.TemporaryDirectory(prefix="fastlivt-bench-data-") as tmp:
@@ -168,7 +232,7 @@ def _rows_for(label: str, entry, stage: str, device, dev: str, repeats: int, qui
             continue
         cfg = load_config(TrainConfig, None, [f"data.train={directory}"] + common + over)
         try:
-            rates, cpu_per_img, n = measure(cfg, stage, device, repeats)
+            rates, cpu_per_img, n = measure(cfg, stage, device, repeats, pil_baseline=backend == BASELINE)
         except Exception as e:  # one failing backend is a row, not a lost table
             log.exception("bench data: %s %s failed", label, backend)
             rows.append(unavailable("data", label, backend, device, f"error: {type(e).__name__}: {e}", shape=shape))
@@ -179,12 +243,15 @@ def _rows_for(label: str, entry, stage: str, device, dev: str, repeats: int, qui
             extra["numba_jit"] = "off (quick)"
         row = Row(part="data", name=label, backend=backend, device=dev, shape=shape, dtype="float32", unit="img/s",
                   median=med, spread=(max(rates) - min(rates)) / 2, repeats=repeats, extra=extra)
-        if backend == "torch":
+        if backend.startswith("torch-") and backend != BASELINE:
+            extra["path"] = ("CPU decode + crop + timm RandAugment (PIL)" if stage == "finetune" else
+                             "nvJPEG decode + crop on the GPU" if device.type == "cuda" else "decode + crop on CPU tensors")
+        if backend == BASELINE:
             base = row
-            row.baseline, row.ratio = "torch", 1.0
+            row.baseline, row.ratio = BASELINE, 1.0
         elif base is not None:
-            row.baseline, row.ratio = "torch", med / base.median
-            extra["cpu_ratio_vs_torch"] = base.extra["cpu_s_per_img"] / cpu_per_img
+            row.baseline, row.ratio = BASELINE, med / base.median
+            extra["cpu_ratio_vs_baseline"] = base.extra["cpu_s_per_img"] / cpu_per_img
         rows.append(row)
         log.info("bench data: %s %-10s %8.1f img/s  %.2e cpu-s/img", label, backend, med, cpu_per_img)
     return rows

@@ -1,57 +1,102 @@
-"""torch backend: PIL decoding + torchvision/timm transforms in ``torch.utils.data.DataLoader`` workers.
+"""torch backend: the webdataset shards decoded by torchvision — batched nvJPEG on CUDA — and cropped on the device.
 
-The correctness reference and the benchmark baseline: the way LiVT's and MAE's own code load data (transforms in
-the workers ending with ``ToTensor`` + ``Normalize``), reading the encoded images from the webdataset shards by
-offset (:class:`~fastlivt.data.shards.ShardReader`) in the order of the same sampler plan as the other backends.
+Needs nothing beyond torch and torchvision. Per batch of the sampler's plan (the same plan as the ffcv and dali
+backends): the encoded bytes are read by offset (:class:`~fastlivt.data.shards.ShardReader`), decoded in one
+``torchvision.io.decode_jpeg(list, device=...)`` call, cropped and resized per sample with antialiased bicubic
+interpolation, mirrored, and normalised, all on the loader's device (:mod:`fastlivt.data.device_decode`). Every random
+choice is a function of (run.seed, epoch, sample index), so the batches do not depend on data.workers.
 
-* pretrain: ``RandomResizedCrop(scale=data.rrc_scale, bicubic)`` + ``RandomHorizontalFlip``;
-* finetune: timm ``create_transform(is_training=True, auto_augment=data.auto_augment, interpolation='bicubic')``
-  without its RandomErasing (that runs on the batch, in ``loader.batch_augment``);
-* eval: ``Resize(int(img_size / eval_crop_pct), bicubic)`` + ``CenterCrop(img_size)``.
+Where the work runs (logged once per loader):
+
+* CUDA, pretrain/eval, or finetune without RandAugment: data.workers ``DataLoader`` processes read the bytes; a
+  background thread decodes and crops each batch on a side CUDA stream, ``data.batches_ahead`` batches ahead of the
+  training step.
+* CPU: the same code on CPU tensors, run whole in the data.workers processes (in the background thread when 0).
+* finetune with ``data.auto_augment``: timm's RandAugment is a PIL policy with no device equivalent, so decoding, the
+  crop and RandAugment (seeded per sample from the same triple) run on the CPU in the workers; the batch is
+  normalised on the device. With data.workers = 0 this runs in the caller's thread (timm draws from Python's and
+  NumPy's global generators, which the training loop also uses).
 """
 from __future__ import annotations
 
-import io
-from typing import Callable, Iterator, List, Tuple
+import queue
+import random
+import threading
+from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from fastlivt.data.loader import EpochLoader
+from fastlivt.data import device_decode as dd
+from fastlivt.data.loader import EpochLoader, log
 from fastlivt.data.shards import ShardReader
 
+Batch = Tuple[torch.Tensor, torch.Tensor]
 
-class ShardImageDataset(Dataset):
-    """Sample i -> (transform(PIL RGB image of shard key i), label i)."""
 
-    def __init__(self, reader: ShardReader, labels: np.ndarray, transform: Callable):
-        self.reader, self.labels, self.transform = reader, labels, transform
+class Augmenter:
+    """decoded uint8 ``[3,H,W]`` images of samples ``indices`` in ``epoch`` -> ``[B,3,S,S]`` with values 0..255
+    (uint8 on the CPU, float32 on CUDA; picklable)."""
+
+    def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
+                 rand_augment=None):
+        self.stage, self.size, self.seed, self.rrc_scale = stage, size, seed, tuple(rrc_scale)
+        self.eval_resize, self.rand_augment = eval_resize, rand_augment
+
+    def __call__(self, images: List[torch.Tensor], indices: np.ndarray, epoch: int) -> torch.Tensor:
+        if self.stage == "eval":
+            return dd.resize_center_crop(images, self.eval_resize, self.size)
+        heights = np.array([im.shape[1] for im in images])
+        widths = np.array([im.shape[2] for im in images])
+        top, left, h, w, flip = dd.rrc_flip_params(self.seed, epoch, indices, heights, widths, self.rrc_scale)
+        out = dd.crop_resize(images, top, left, h, w, flip, self.size)
+        if self.rand_augment is not None:
+            for k, s in enumerate(dd.augment_seeds(self.seed, epoch, indices)):
+                out[k] = seeded_rand_augment(self.rand_augment, out[k], int(s))
+        return out
+
+
+def seeded_rand_augment(ra, image: torch.Tensor, seed: int) -> torch.Tensor:
+    """timm's ``ra`` on one uint8 CPU ``[3,H,W]`` image with Python's and NumPy's global generators seeded from
+    ``seed`` for the call and restored after it (timm draws its ops and magnitudes from them)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    try:
+        pil = ra(Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()))
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+
+
+class ShardBatches(Dataset):
+    """Item k = batch k of the current plan: ``(encoded bytes concatenated, their sizes, names, indices, labels)``
+    when ``decode_here`` is False, otherwise ``(uint8 [B,3,S,S] images, labels)`` decoded and augmented on the CPU (in the worker)."""
+
+    def __init__(self, reader: ShardReader, labels: np.ndarray, augment: Augmenter, decode_here: bool):
+        self.reader, self.labels, self.augment, self.decode_here = reader, labels, augment, decode_here
+        self.batches: List[np.ndarray] = []
+        self.epoch = 0
 
     def __len__(self) -> int:
-        return len(self.reader)
+        return len(self.batches)
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        with Image.open(io.BytesIO(self.reader[i].tobytes())) as im:
-            image = im.convert("RGB")
-        return self.transform(image), int(self.labels[i])
+    def name(self, i: int) -> str:
+        return f"{self.reader.paths[int(self.reader.shard[i])]}: member {i:09d}.jpg (sample {i})"
 
-
-def torch_transform(stage: str, size: int, mean, std, rrc_scale, auto_augment, eval_crop_pct: float) -> Callable:
-    """The per-sample PIL -> normalised float CHW tensor transform of ``stage``."""
-    bicubic = T.InterpolationMode.BICUBIC
-    if stage == "finetune":
-        from timm.data import create_transform
-
-        return create_transform(size, is_training=True, scale=tuple(rrc_scale), auto_augment=auto_augment,
-                                interpolation="bicubic", mean=tuple(mean), std=tuple(std), re_prob=0.0)
-    if stage == "pretrain":
-        head = [T.RandomResizedCrop(size, scale=tuple(rrc_scale), interpolation=bicubic), T.RandomHorizontalFlip()]
-    else:
-        head = [T.Resize(int(size / eval_crop_pct), interpolation=bicubic), T.CenterCrop(size)]
-    return T.Compose(head + [T.ToTensor(), T.Normalize(mean, std)])
+    def __getitem__(self, k: int):
+        idx = self.batches[k]
+        arrays = [self.reader[int(i)] for i in idx]
+        names = [self.name(int(i)) for i in idx]
+        labels = torch.from_numpy(self.labels[idx].astype(np.int64))
+        if not self.decode_here:  # one buffer: a worker hands over one shared-memory block, not B of them
+            sizes = torch.tensor([a.size for a in arrays], dtype=torch.int64)
+            return torch.from_numpy(np.concatenate(arrays)), sizes, names, torch.from_numpy(idx), labels
+        images = dd.decode_batch([torch.from_numpy(a) for a in arrays], names, torch.device("cpu"))
+        return self.augment(images, idx, self.epoch), labels
 
 
 class TorchLoader(EpochLoader):
@@ -60,15 +105,108 @@ class TorchLoader(EpochLoader):
     def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
         super().__init__(cfg, split, stage, device, rank, world)
         d = cfg.data
-        transform = torch_transform(stage, self.img_size, d.mean, d.std, d.rrc_scale, self.auto_augment,
-                                    d.eval_crop_pct)
-        self.dataset = ShardImageDataset(ShardReader(self.manifest), self.labels, transform)
+        ra = None
+        if self.auto_augment:
+            from fastlivt.data.randaugment import timm_rand_augment
 
-    def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        batches: List[List[int]] = [indices[k:k + self.batch_size].tolist() for k in range(0, indices.size, self.batch_size)]
-        workers = self.cfg.data.workers
-        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=workers,
-                            pin_memory=self.device.type == "cuda",
-                            prefetch_factor=self.cfg.data.batches_ahead if workers > 0 else None)
-        for images, labels in loader:
-            yield images.to(self.device, non_blocking=True), self._labels_to_device(labels)
+            ra = timm_rand_augment(self.auto_augment, self.img_size, d.mean, "bicubic")
+        self.augment = Augmenter(stage, self.img_size, cfg.run.seed, self.rrc_scale(), self.eval_resize(), ra)
+        self.workers = max(0, int(d.workers))
+        self.device_decode = ra is None and self.device.type == "cuda"
+        self.dataset = ShardBatches(ShardReader(self.manifest), self.labels, self.augment,
+                                    decode_here=not self.device_decode)
+        self.threaded = not (ra is not None and self.workers == 0)
+        self.path = ("nvJPEG decode + crop on " + str(self.device) if self.device_decode else
+                     "CPU decode + crop + timm RandAugment (PIL)" if ra is not None else "CPU decode + crop (CPU tensors)")
+        where = (f"{self.workers} DataLoader workers" if self.workers else
+                 "a background thread" if self.threaded else "the caller's thread")
+        why = ("" if ra is None else f"; data.auto_augment={self.auto_augment} is timm's PIL policy, which has no "
+               "device equivalent, so decoding and augmentation stay on the CPU")
+        log.info("torch loader: %s, host work in %s, normalised on %s%s", self.path, where, self.device, why)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    # ------------------------------------------------------------------------------------------------ one batch
+    def _finish(self, item) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A DataLoader item -> (normalised images, labels) on the device (runs on the side stream on CUDA)."""
+        if self.device_decode:
+            blob, sizes, names, idx, labels = item
+            images = dd.decode_batch(list(torch.split(blob, sizes.tolist())), names, self.device)
+            images = self.augment(images, idx.numpy(), self.dataset.epoch)
+        else:
+            images, labels = item
+            images = images.to(self.device, non_blocking=True)
+        return self.normalize(images), labels
+
+    def _finish_on_stream(self, item):
+        if self._stream is None:
+            return self._finish(item), None
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
+            # nvJPEG writes on its own stream into memory allocated on this one: let earlier work here finish first
+            self._stream.synchronize()
+            batch = self._finish(item)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        return batch, done
+
+    def _hand_over(self, batch, done) -> Batch:
+        images, labels = batch
+        if done is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            images.record_stream(current)
+        return images, self._labels_to_device(labels)
+
+    # ------------------------------------------------------------------------------------------------ one epoch
+    def _iterate(self, indices: np.ndarray) -> Iterator[Batch]:
+        self.dataset.batches = [indices[k:k + self.batch_size] for k in range(0, indices.size, self.batch_size)]
+        self.dataset.epoch = self.epoch
+        loader = DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.workers,
+                            pin_memory=self.device.type == "cuda" and not self.device_decode,
+                            prefetch_factor=max(1, self.cfg.data.batches_ahead) if self.workers else None)
+        items = iter(loader)  # starts the worker processes here, in the caller's thread
+        if not self.threaded:
+            for item in items:
+                yield self._hand_over(*self._finish_on_stream(item))
+            return
+        ready: "queue.Queue" = queue.Queue(maxsize=max(1, self.cfg.data.batches_ahead))
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(items, ready, stop), name="torch-loader", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, payload = ready.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise payload
+                yield self._hand_over(*payload)
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            thread.join()
+            del items  # shuts the worker processes down
+
+    def _produce(self, items, ready: "queue.Queue", stop: threading.Event) -> None:
+        def put(entry) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(entry, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for item in items:
+                if stop.is_set() or not put(("batch", self._finish_on_stream(item))):
+                    return
+            put(("end", None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(("error", e))
+
+    def describe(self) -> str:
+        return f"{super().describe()}, {self.path}"
