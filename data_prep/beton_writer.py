@@ -6,7 +6,8 @@ whole DatasetWriter in a child process of its own (a new process group), and wai
 ends, however it ends, whatever the parent's threads or signal handlers do. Inside the child a watcher thread waits
 the same way on the sentinels of FFCV's writer processes; when one of them dies abnormally it sends the parent a
 message naming that process and its exit code, kills the rest and ends the child with ``os._exit``. The parent
-kills what is left of the group and raises ``RuntimeError`` naming what died.
+kills what is left of the group and raises ``RuntimeError`` naming what died. A converter killed outright (its
+process group killed, or the out-of-memory killer) closes the child's lifeline pipe: the child then kills its group.
 """
 from __future__ import annotations
 
@@ -60,14 +61,17 @@ def _writer_processes() -> List[multiprocessing.process.BaseProcess]:
     return list(children) if children is not None else multiprocessing.active_children()
 
 
-def _watch_writers(conn: Connection, done: threading.Event, state: Dict[str, object]) -> None:
-    """In the writer child: wait on the sentinels of FFCV's writer processes; on an abnormal end of one, report it,
-    kill the others and end this process."""
+def _watch_writers(conn: Connection, lifeline: int, done: threading.Event, state: Dict[str, object]) -> None:
+    """In the writer child: wait on the sentinels of FFCV's writer processes and on ``lifeline`` (a pipe whose write
+    end only the parent holds). On an abnormal end of a writer process, report it, kill the others and end this
+    process; when the parent is gone (end of file on the lifeline), kill this whole process group."""
     seen: Dict[int, multiprocessing.process.BaseProcess] = {}
     while not done.is_set():
         for p in _writer_processes():
             seen.setdefault(p.pid, p)
-        wait([p.sentinel for p in seen.values() if p.exitcode is None] or [], timeout=0.2)
+        ready = wait([lifeline] + [p.sentinel for p in seen.values() if p.exitcode is None], timeout=0.2)
+        if lifeline in ready:
+            os.killpg(0, signal.SIGKILL)
         dead = [p for p in seen.values() if p.exitcode not in (None, 0)]
         if dead and not done.is_set():
             p = dead[0]
@@ -86,14 +90,16 @@ def _watch_writers(conn: Connection, done: threading.Event, state: Dict[str, obj
             os._exit(1)
 
 
-def _write_child(conn: Connection, path: str, dataset: "StagedImages", fields, page_size: int, workers: int) -> None:
+def _write_child(conn: Connection, lifeline: Tuple[int, int], path: str, dataset: "StagedImages", fields,
+                 page_size: int, workers: int) -> None:
     """Body of the writer child: FFCV's DatasetWriter over ``dataset``, the outcome sent on ``conn``."""
     os.setpgid(0, 0)  # FFCV's writer processes join this group: the parent can end them all at once
+    os.close(lifeline[1])  # only the parent holds the write end: its death reads as end of file
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):  # whatever the parent installed
         signal.signal(signum, signal.SIG_DFL)
     done = threading.Event()
     state: Dict[str, object] = {}
-    watcher = threading.Thread(target=_watch_writers, args=(conn, done, state), name="ffcv-writer-watch",
+    watcher = threading.Thread(target=_watch_writers, args=(conn, lifeline[0], done, state), name="ffcv-writer-watch",
                                daemon=True)
     watcher.start()
     status = 1
@@ -142,10 +148,12 @@ def write_beton(path: Path, dataset: StagedImages, write_mode: str, jpeg_quality
     }
     ctx = multiprocessing.get_context("fork")  # the dataset (staging maps, test doubles) is inherited, not pickled
     receive, send = ctx.Pipe(duplex=False)
+    lifeline = os.pipe()
     child = ctx.Process(target=_write_child, name="ffcv-writer",
-                        args=(send, str(path), dataset, fields, _page_size(largest), max(1, workers)))
+                        args=(send, lifeline, str(path), dataset, fields, _page_size(largest), max(1, workers)))
     child.start()
     send.close()
+    os.close(lifeline[0])
     outcome = None
     try:
         while outcome is None:
@@ -163,6 +171,7 @@ def write_beton(path: Path, dataset: StagedImages, write_mode: str, jpeg_quality
         else:
             _end_group(child)
         receive.close()
+        os.close(lifeline[1])
     kind, message = outcome
     if kind == "gone":
         code = child.exitcode

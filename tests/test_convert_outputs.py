@@ -221,6 +221,64 @@ def test_conversion_with_a_dying_writer_fails_and_leaves_nothing(tmp_path, monke
     assert sorted(p.name for p in out.iterdir()) == []  # no temporaries, no staging, nothing that looks finished
 
 
+_SLOW_WRITE = r"""
+import sys, time
+import numpy as np
+from data_prep.beton_writer import write_beton
+from data_prep.writers import StagedImages
+
+class Slow(StagedImages):
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return np.zeros((4, 4, 3), np.uint8), 0
+
+n = 2000
+write_beton(sys.argv[1], Slow([], np.zeros(n, int), np.zeros(n, int), np.full((n, 2), 4), np.zeros(n, int), seed=0,
+                               reseed=False), "raw", 90, 0.5, 2)
+"""
+
+
+def _process_groups():
+    """pid -> (parent pid, process group) of every process."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(entry.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_converter_takes_its_ffcv_writers_along(tmp_path):
+    """The writer child has a process group of its own; when the converter is killed outright, the child's lifeline
+    pipe reaches end of file and the child kills that group: no writer process is left running."""
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_WRITE)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "x.beton")], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, group = time.time() + 400, None
+        while group is None and time.time() < deadline and proc.poll() is None:
+            table = _process_groups()
+            for pid, (ppid, pgid) in table.items():
+                if ppid == proc.pid and pgid == pid and sum(g == pgid for _, g in table.values()) >= 3:
+                    group = pgid  # the writer child, leader of its group, with FFCV's 2 writer processes
+            time.sleep(0.05)
+        assert group is not None, "no FFCV writer group appeared"
+        proc.kill()  # the converter alone, as the out-of-memory killer would
+    finally:
+        proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while time.time() < deadline and any(g == group for _, g in _process_groups().values()):
+        time.sleep(0.1)
+    assert not any(g == group for _, g in _process_groups().values()), "FFCV writer processes outlived the converter"
+
+
 def test_rerun_replaces_same_split_and_refuses_another(tmp_path, capsys):
     make_files(tmp_path / "raw" / "train", [3, 2], size=(8, 8))
     make_files(tmp_path / "raw" / "val", [1, 1], size=(8, 8))
