@@ -25,7 +25,8 @@ import numpy as np
 from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
 from data_prep.sources import SOURCES, Source, open_source
-from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name, write_beton
+from data_prep.beton_writer import write_beton
+from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name
 from fastlivt.config import ConvertConfig
 from fastlivt.logs import get_logger
 from fastlivt.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file

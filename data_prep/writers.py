@@ -5,15 +5,11 @@
   each shard gets the ``.idx`` index of DALI's own ``wds2idx`` (``fn.readers.webdataset(index_paths=...)``). Members are
   written exactly as Python's tarfile writes them (USTAR, fixed metadata), without its per-member overhead.
 * FFCV: a ``.beton`` written by FFCV's ``DatasetWriter`` (fields ``image``: RGBImageField, ``label``: IntField)
-  from the pixels the decode pool staged, row ``i`` = written sample ``i``.
+  from the pixels the decode pool staged, row ``i`` = written sample ``i``, by :mod:`data_prep.beton_writer`.
 """
 from __future__ import annotations
 
-import _thread
-import multiprocessing
-import os
 import tarfile
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -183,108 +179,3 @@ class StagedImages:
         if self.reseed:
             np.random.seed((self.seed * 1_000_003 + i) % (1 << 32))
         return pixels, int(self.labels[i])
-
-
-class _Guarded:
-    """``dataset`` for FFCV's writer processes, which must never raise (FFCV's writer would wait forever for the
-    samples of a dead process): the first error is stored in the shared ``error`` buffer and a black image of the
-    right size stands in, so that the writer finishes and the caller can fail cleanly."""
-
-    def __init__(self, dataset: StagedImages, error):
-        self.dataset, self.error = dataset, error
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-        try:
-            return self.dataset[i]
-        except Exception as e:  # reported by write_beton once the writer is done
-            if not self.error.value:
-                self.error.value = f"sample {i}: {type(e).__name__}: {e}".encode()[: len(self.error) - 1]
-            h, w = (int(v) for v in self.dataset.shapes[i])
-            return np.zeros((h, w, 3), np.uint8), 0
-
-
-def _page_size(max_sample_bytes: int) -> int:
-    """FFCV page size (a power of two >= 8 MiB) that fits the largest sample: a sample that fits no page makes a
-    writer process die, and FFCV's writer then waits for it forever."""
-    from ffcv.writer import MIN_PAGE_SIZE
-
-    need = max(4 * MIN_PAGE_SIZE, 2 * max_sample_bytes + (1 << 20))
-    return 1 << (need - 1).bit_length()
-
-
-class WriterWatch:
-    """Interrupts the main thread when one of FFCV's writer processes dies with an error: FFCV's DatasetWriter would
-    otherwise wait for that process's samples forever. Used as ``with WriterWatch() as watch:`` around the write."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.failure = interval, ""
-        self._stop = threading.Event()
-        self._seen: Dict[int, multiprocessing.process.BaseProcess] = {}
-        self._thread = threading.Thread(target=self._run, name="ffcv-writer-watch", daemon=True)
-
-    @staticmethod
-    def _children() -> List[multiprocessing.process.BaseProcess]:
-        # The started-children registry itself: active_children() would reap (and hide) a child that already died.
-        children = getattr(multiprocessing.process, "_children", None)
-        return list(children) if children is not None else multiprocessing.active_children()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for p in self._children():
-                self._seen.setdefault(p.pid, p)
-            for p in self._seen.values():
-                if p.exitcode not in (None, 0):
-                    self.failure = f"FFCV writer process {p.pid} exited with code {p.exitcode} (its traceback is above)"
-                    _thread.interrupt_main()
-                    return
-
-    def __enter__(self) -> "WriterWatch":
-        if threading.current_thread() is threading.main_thread():
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-        if self.failure:
-            for p in self._seen.values():
-                if p.is_alive():
-                    p.terminate()
-
-
-def write_beton(path: Path, dataset: StagedImages, write_mode: str, jpeg_quality: int, compress_probability: float,
-                workers: int) -> None:
-    """Write ``dataset`` (already validated and resized) to the FFCV file ``path`` with FFCV's DatasetWriter."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
-    if len(dataset) == 0:
-        raise ValueError("no samples to write")
-    largest = int((dataset.shapes[:, 0].astype(np.int64) * dataset.shapes[:, 1] * 3).max())
-    fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality,
-                               compress_probability=compress_probability),
-        "label": IntField(),
-    }
-    writer = DatasetWriter(str(path), fields, page_size=_page_size(largest), num_workers=max(1, workers))
-    error = multiprocessing.Array("c", 4096)  # the default context, like the Process class FFCV uses
-    watch = WriterWatch()
-    try:
-        with watch:
-            writer.from_indexed_dataset(_Guarded(dataset, error), chunksize=64)
-    except KeyboardInterrupt:
-        if watch.failure:
-            shm = getattr(writer, "metadata_sm", None)  # FFCV unlinks it only after a complete write
-            if hasattr(shm, "unlink"):
-                shm.close()
-                shm.unlink()
-            raise RuntimeError(f"writing {path} failed: {watch.failure}") from None
-        raise
-    if error.value:
-        raise RuntimeError(f"writing {path} failed: {error.value.decode(errors='replace')}")
-    if not os.path.isfile(path):
-        raise RuntimeError(f"FFCV writer finished without writing {path}")

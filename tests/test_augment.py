@@ -116,21 +116,23 @@ def test_ffcv_rand_augment_is_per_sample_timm():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (1, 40, 40, 3), dtype=np.uint8)
     images = np.repeat(base, 8, axis=0)  # identical inputs: differences come from per-sample randomness only
+    seeds = np.arange(100, 108, dtype=np.int64).reshape(-1, 1)
     op = FFCVRandAugment("rand-m9-mstd0.5-inc1", 40, MEAN)
     fn = op.generate_code()
-    _seed(3)
-    out = fn(images, np.empty_like(images))
-    _seed(3)
+    out = fn(images, (np.empty_like(images), seeds))
     from PIL import Image
 
+    from fastlivt.data.randaugment import seeded_rand_augment
+
     ra = timm_rand_augment("rand-m9-mstd0.5-inc1", 40, MEAN)
-    ref = np.stack([np.asarray(ra(Image.fromarray(im))) for im in images])
+    ref = np.stack([np.asarray(seeded_rand_augment(ra, Image.fromarray(im), int(s))) for im, s in zip(images, seeds[:, 0])])
     assert out.shape == images.shape and out.dtype == np.uint8
     assert np.array_equal(out, ref)
     distinct = {out[i].tobytes() for i in range(8)}
     assert len(distinct) >= 4, "RandAugment must draw its ops per sample, not once per batch"
-    threaded = FFCVRandAugment("rand-m9-mstd0.5-inc1", 40, MEAN, num_threads=2).generate_code()
-    assert threaded(images, np.empty_like(images)).shape == images.shape
+    threaded = FFCVRandAugment("rand-m9-mstd0.5-inc1", 40, MEAN, num_threads=2)
+    assert np.array_equal(threaded.generate_code()(images, (np.empty_like(images), seeds)), out)
+    threaded.close()
 
 
 def test_ffcv_rand_augment_rejects_non_image_state():

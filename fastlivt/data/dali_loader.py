@@ -8,22 +8,31 @@ Device: with ``data.dali_device`` = auto and CUDA available (and a CUDA training
 (nvJPEG) and resizing, RandAugment and normalisation run on the GPU; otherwise the whole graph is CPU
 (``device_id=None``). ``dali_device=gpu`` without CUDA is an error. The choice is logged.
 
-Augmentation: ``decoders.image_random_crop`` (area data.rrc_scale, aspect 3/4..4/3) + bicubic resize + mirror, or
-``decoders.image`` + shorter-side bicubic resize + center crop (eval); ``crop_mirror_normalize`` makes float CHW.
-finetune adds DALI's ``auto_aug.rand_augment`` with timm's n and m (``num_magnitude_bins=11`` makes DALI's bin m
-the same magnitude as timm's m/10) and the 'increasing' suite for ``inc1`` (``monotonic_mag``). DALI's RandAugment
-always applies its n ops (its suite holds 'identity') at the fixed magnitude: timm's per-op probability (``p``,
-0.5) and magnitude noise (``mstd``) have no DALI equivalent, so those two settings are logged and not reproduced.
+Augmentation: ``decoders.image_slice`` of the RandomResizedCrop window (area data.rrc_scale, aspect 3/4..4/3) +
+bicubic resize + mirror, or ``decoders.image`` + shorter-side bicubic resize + center crop (eval);
+``crop_mirror_normalize`` makes float CHW. finetune adds DALI's RandAugment suite (``auto_aug.rand_augment``'s ops,
+applied with ``auto_aug.core.select``) with timm's n and m (``num_magnitude_bins=11`` makes DALI's bin m the same
+magnitude as timm's m/10) and the 'increasing' suite for ``inc1``. DALI's RandAugment always applies its n ops (its
+suite holds 'identity') at the fixed magnitude: timm's per-op probability (``p``, 0.5) and magnitude noise (``mstd``)
+have no DALI equivalent, so those two settings are logged and not reproduced.
+
+Reproducibility: the graph holds no DALI random operator. The crop window, the flip, the RandAugment op indices and
+magnitude signs of every sample are computed on the host from (run.seed, epoch, global position)
+(:mod:`fastlivt.data.sample_rng`; the window needs the image size, read from the JPEG header once per sample) and
+fed through the external source with the encoded bytes: batches are the same in every run, with any number of
+threads, and a resumed pass continues with the parameters the uninterrupted one would have used.
 """
 from __future__ import annotations
 
+import io
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
 from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.sample_rng import choices, flips, rrc_windows, sample_keys, signs
 from fastlivt.data.shards import ShardReader
 
 
@@ -41,49 +50,77 @@ def parse_rand_augment(config: str) -> Dict[str, float]:
     return out
 
 
+def rand_augment_suite(rand_aug: Dict[str, float], size: int) -> List:
+    """DALI's RandAugment ops for timm's setting (``inc1``: the monotonic suite), translations relative to the shape."""
+    from nvidia.dali.auto_aug import rand_augment
+
+    suite = rand_augment.get_rand_augment_suite if rand_aug["inc"] else rand_augment.get_rand_augment_non_monotonic_suite
+    return suite(use_shape=True, max_translate_rel=0.45)
+
+
 class _PlanSource:
-    """The external_source callable: the next batch of (encoded images, labels) of ``batches``; StopIteration at the end."""
+    """The external_source callable: the next batch of (encoded images, labels) of ``batches`` and, for training, the
+    per-sample parameters (``params(indices, positions, encoded)`` -> one list of per-sample arrays per further
+    output); StopIteration at the end."""
 
     def __init__(self, reader: ShardReader, labels: np.ndarray):
         self.reader, self.labels = reader, labels.astype(np.int32)
         self.batches: List[np.ndarray] = []
+        self.positions = np.zeros(0, np.int64)
+        self.params: Callable = lambda idx, positions, encoded: []
         self.next = 0
 
-    def start(self, batches: List[np.ndarray]) -> None:
-        self.batches, self.next = batches, 0
+    def start(self, batches: List[np.ndarray], positions: np.ndarray, params: Callable) -> None:
+        self.batches, self.positions, self.next, self.params = batches, positions, 0, params
+        self.offsets = np.cumsum([0] + [b.size for b in batches])
 
-    def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+    def __call__(self) -> Tuple[List[np.ndarray], ...]:
         if self.next >= len(self.batches):
             raise StopIteration
-        idx = self.batches[self.next]
+        idx, first = self.batches[self.next], self.offsets[self.next]
         self.next += 1
-        return [self.reader[int(i)] for i in idx], [self.labels[i:i + 1] for i in idx]
+        encoded = [self.reader[int(i)] for i in idx]
+        positions = self.positions[first:first + idx.size]
+        return (encoded, [self.labels[i:i + 1] for i in idx], *self.params(idx, positions, encoded))
 
 
-def _build_pipeline(source, stage: str, size: int, mean, std, rrc_scale, resize: int, rand_aug, decode: str,
+def _jpeg_size(encoded: np.ndarray) -> Tuple[int, int]:
+    """(height, width) from an encoded image's header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded.tobytes())) as im:
+        return im.height, im.width
+
+
+def _build_pipeline(source, stage: str, size: int, mean, std, resize: int, rand_aug, decode: str,
                     batch_size: int, num_threads: int, device_id, seed: int, prefetch: int):
     from nvidia.dali import fn, pipeline_def, types
 
+    train = stage != "eval"
+    outputs = 2 + (3 if train else 0) + (2 if train and rand_aug is not None else 0)
+    dtypes = [types.UINT8, types.INT32] + [types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT32][:outputs - 2]
+
     @pipeline_def(enable_conditionals=rand_aug is not None)
     def pipeline():
-        jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT32])
+        jpegs, labels, *params = fn.external_source(source=source, num_outputs=outputs, batch=True, dtype=dtypes)
         mirror = False
-        if stage == "eval":
+        if not train:
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_CUBIC)
         else:
-            images = fn.decoders.image_random_crop(jpegs, device=decode, output_type=types.RGB,
-                                                   random_area=list(rrc_scale), random_aspect_ratio=[3 / 4, 4 / 3],
-                                                   num_attempts=10)
+            anchor, shape, mirror = params[:3]  # (left, top), (width, height): image_slice's default axes "WH"
+            images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode, output_type=types.RGB,
+                                             normalized_anchor=False, normalized_shape=False)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
-            mirror = fn.random.coin_flip(probability=0.5)
             if rand_aug is not None:
-                from nvidia.dali.auto_aug import rand_augment
+                from nvidia.dali.auto_aug.core import select, signed_bin
 
-                images = rand_augment.rand_augment(
-                    images, n=int(rand_aug["n"]), m=int(round(rand_aug["m"])), num_magnitude_bins=11,
-                    shape=[size, size], max_translate_rel=0.45, monotonic_mag=bool(rand_aug["inc"]),
-                    fill_value=int(round(255 * sum(mean) / 3)))
+                op_idx, sign = params[3:]
+                magnitude = signed_bin(int(round(rand_aug["m"])), random_sign=sign)
+                for level in range(int(rand_aug["n"])):
+                    images = select(rand_augment_suite(rand_aug, size), op_idx[level], data=images,
+                                    magnitude_bin=magnitude[level], num_magnitude_bins=11, shape=[size, size],
+                                    fill_value=int(round(255 * sum(mean) / 3)))
         images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
                                           mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
         return images, labels
@@ -116,8 +153,27 @@ class DALILoader(EpochLoader):
             log.info("dali: RandAugment n=%d m=%d; timm's mstd=%g and per-op p=%g have no DALI equivalent",
                      self.rand_aug["n"], self.rand_aug["m"], self.rand_aug["mstd"], self.rand_aug["p"])
         self.source = _PlanSource(ShardReader(self.manifest), self.labels)
-        self._iterator = None
+        self.num_ops = len(rand_augment_suite(self.rand_aug, self.img_size)) if self.rand_aug else 0
+        self.sizes = np.full((self.num_samples, 2), -1, np.int64)  # (height, width) per sample, read when first needed
+        self._pipe = self._iterator = None
         self._finished = True
+        self._epoch_of_pass = 0
+
+    def _params(self, idx: np.ndarray, positions: np.ndarray, encoded: List[np.ndarray]) -> List[List[np.ndarray]]:
+        """Per-sample external-source outputs of the training graph for the plan indices ``idx`` at the epoch's
+        global ``positions``."""
+        for k, i in enumerate(idx):
+            if self.sizes[i, 0] < 0:
+                self.sizes[i] = _jpeg_size(encoded[k])
+        keys = sample_keys(self.cfg.run.seed, self._epoch_of_pass, positions)
+        top, left, h, w = rrc_windows(keys, self.sizes[idx, 0], self.sizes[idx, 1], self.rrc_scale()).T
+        anchor = np.stack([left, top], 1).astype(np.float32)
+        shape = np.stack([w, h], 1).astype(np.float32)
+        out = [list(anchor), list(shape), list(flips(keys).astype(np.int32).reshape(-1, 1))]
+        if self.rand_aug:
+            n = int(self.rand_aug["n"])
+            out += [list(choices(keys, self.num_ops, n)), list(signs(keys, n))]
+        return out
 
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -125,11 +181,13 @@ class DALILoader(EpochLoader):
         d = self.cfg.data
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if self.mixed else None
         # (DALI's auto_aug warns about its own deprecated fn.experimental aliases; harmless)
-        pipe = _build_pipeline(self.source, self.stage, self.img_size, d.mean, d.std, self.rrc_scale(),
+        self.close_pipeline()
+        pipe = _build_pipeline(self.source, self.stage, self.img_size, d.mean, d.std,
                                self.eval_resize(), self.rand_aug, self.dali_device, self.batch_size,
                                max(1, d.workers), device_id, self.cfg.run.seed * 1000 + self.rank,
                                max(1, d.batches_ahead))
         pipe.build()
+        self._pipe = pipe
         self._iterator = DALIGenericIterator(pipe, ["images", "labels"], size=-1, auto_reset=False,
                                              prepare_first_batch=False)
         self._fresh = True
@@ -137,11 +195,28 @@ class DALILoader(EpochLoader):
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self._iterator is None or not self._finished:  # a pass left midway keeps prefetched batches: start anew
             self._build()
-        self.source.start([indices[k:k + self.batch_size] for k in range(0, indices.size, self.batch_size)])
+        self._epoch_of_pass = self.epoch
+        self.source.start([indices[k:k + self.batch_size] for k in range(0, indices.size, self.batch_size)],
+                          self.positions(indices), self._params if self.train else (lambda idx, pos, encoded: []))
         if not self._fresh:
             self._iterator.reset()
         self._fresh, self._finished = False, False
         for out in self._iterator:
             images, labels = out[0]["images"], out[0]["labels"]
             yield images.to(self.device, non_blocking=True), self._labels_to_device(labels)
+        self._finished = True
+
+    def close_pipeline(self) -> None:
+        """Release the DALI pipeline and its threads."""
+        iterator, pipe, self._iterator, self._pipe = self._iterator, self._pipe, None, None
+        del iterator
+        if pipe is not None:
+            del pipe
+            import gc
+
+            gc.collect()  # DALI joins its worker threads when the pipeline object is destroyed
+
+    def close(self) -> None:
+        super().close()
+        self.close_pipeline()
         self._finished = True

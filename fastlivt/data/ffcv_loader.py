@@ -1,8 +1,11 @@
 """FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines.
 
-Image pipeline: ``RandomResizedCropRGBImageDecoder`` (train) or ``CenterCropRGBImageDecoder(ratio=eval_crop_pct)``
-(eval), ``RandomHorizontalFlip`` (train), :class:`~fastlivt.data.randaugment.FFCVRandAugment` (finetune with
-``data.auto_augment``), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; normalisation then runs on the device. The
+Image pipeline: :class:`~fastlivt.data.ffcv_ops.SeededRRCDecoder` (train: RandomResizedCrop + flip) or
+``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), :class:`~fastlivt.data.randaugment.FFCVRandAugment`
+(finetune with ``data.auto_augment``), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; normalisation then runs on the
+device. Every random parameter (crop window, flip, RandAugment seed) is computed on the host for the whole pass from
+(run.seed, epoch, global position) by :mod:`fastlivt.data.sample_rng` and handed to the operations per batch
+(:class:`~fastlivt.data.ffcv_ops.PlanLoader`), so batches are the same in every run, with any number of workers. The
 long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)`` on
 it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
 not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
@@ -15,7 +18,6 @@ import numpy as np
 import torch
 
 from fastlivt.data.loader import EpochLoader, log
-from fastlivt.data.randaugment import FFCVRandAugment
 from fastlivt.manifest import ManifestError
 
 try:
@@ -47,9 +49,11 @@ class FFCVLoader(EpochLoader):
     def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
         super().__init__(cfg, split, stage, device, rank, world)
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
-        from ffcv.loader import Loader
-        from ffcv.transforms import RandomHorizontalFlip, ToDevice, ToTensor, ToTorchImage
+        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
+        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+        from fastlivt.data.ffcv_ops import PlanLoader, SeededRRCDecoder
+        from fastlivt.data.randaugment import FFCVRandAugment
 
         if not self.manifest.ffcv:
             raise ManifestError(f"{self.manifest.root}: no .beton in the manifest (convert with --formats ffcv)")
@@ -57,27 +61,52 @@ class FFCVLoader(EpochLoader):
         if not path.is_file():
             raise ManifestError(f"{path}: .beton named in the manifest is missing")
         d, size = cfg.data, self.img_size
+        self.decoder = self.rand_augment = None
         if self.train:
-            image = [RandomResizedCropRGBImageDecoder((size, size), scale=self.rrc_scale(), ratio=(3 / 4, 4 / 3)),
-                     RandomHorizontalFlip()]
+            self.decoder = SeededRRCDecoder((size, size))
+            image = [self.decoder]
             if self.auto_augment:
-                image.append(FFCVRandAugment(self.auto_augment, size, d.mean, "bicubic", num_threads=max(1, d.workers)))
+                self.rand_augment = FFCVRandAugment(self.auto_augment, size, d.mean, "bicubic",
+                                                    num_threads=max(1, d.workers))
+                image.append(self.rand_augment)
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=d.eval_crop_pct)]
         non_blocking = self.device.type == "cuda"
         image += [ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), ToDevice(self.device, non_blocking=non_blocking)]
         self.order = PlanOrder(self.plan(0))
-        self.loader = Loader(str(path), batch_size=self.batch_size, num_workers=max(1, d.workers), os_cache=d.os_cache,
+        self.loader = PlanLoader(str(path), batch_size=self.batch_size, num_workers=max(1, d.workers), os_cache=d.os_cache,
                              order=self.order, distributed=False, seed=cfg.run.seed,
                              pipelines={"image": image, "label": label}, drop_last=False,
                              batches_ahead=d.batches_ahead)
         if self.loader.reader.num_samples != self.num_samples:
             raise ManifestError(f"{path}: {self.loader.reader.num_samples} rows, manifest says {self.num_samples}")
+        image_meta = self.loader.reader.metadata[f"f{list(self.loader.reader.handlers).index('image')}"]
+        self.heights = image_meta["height"].astype(np.int64)
+        self.widths = image_meta["width"].astype(np.int64)
         log.debug("ffcv pipelines: image=%s", [type(op).__name__ for op in image])
+
+    def _param_tables(self, indices: np.ndarray):
+        if not self.train:
+            return {}
+        params = self.sample_params(indices, self.heights[indices], self.widths[indices])
+        tables = {self.decoder: np.concatenate([params.windows, params.flip[:, None].astype(np.int64)], axis=1)}
+        if self.rand_augment is not None:
+            tables[self.rand_augment] = params.aug_seed[:, None]
+        return tables
 
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self.order.set(indices)
-        for images, labels in self.loader:
-            # FFCV recycles its output buffers: normalising and the label copy make the batch ours
-            yield self.normalize(images), self._labels_to_device(labels)
+        self.loader.set_tables(self._param_tables(indices))
+        try:
+            for images, labels in self.loader:
+                # FFCV recycles its output buffers: normalising and the label copy make the batch ours
+                yield self.normalize(images), self._labels_to_device(labels)
+        finally:  # a pass left midway: its thread would keep decoding batches ahead
+            self.loader.stop()
+
+    def close(self) -> None:
+        super().close()
+        loader = getattr(self, "loader", None)
+        if loader is not None:
+            loader.close()

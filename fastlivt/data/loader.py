@@ -17,7 +17,9 @@ Stages (paper Table 9):
 """
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
@@ -25,6 +27,7 @@ import torch
 
 from fastlivt.config import TrainConfig
 from fastlivt.data.augment import BatchAugment, Normalize
+from fastlivt.data.sample_rng import SampleParams, epoch_positions, train_params
 from fastlivt.data.sampling import LongTailSampler
 from fastlivt.logs import get_logger
 from fastlivt.manifest import load_manifest
@@ -32,6 +35,17 @@ from fastlivt.manifest import load_manifest
 STAGES = ("pretrain", "finetune", "eval")
 BACKENDS = ("ffcv", "dali", "torch")
 log = get_logger(__name__)
+_OPEN: "weakref.WeakSet[EpochLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_loaders() -> None:
+    """Join the backends' threads before the interpreter tears down (an unjoined native thread aborts the exit)."""
+    for loader in list(_OPEN):
+        try:
+            loader.close()
+        except Exception as e:  # at exit: report, never raise
+            log.warning("closing %s loader at exit: %s", loader.backend, e)
 
 
 def resolve_device(device) -> torch.device:
@@ -98,6 +112,7 @@ class EpochLoader:
             self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, device=self.device)
         self.epoch = 0
         self._skip = 0
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------------------------------------ epochs
     def __len__(self) -> int:
@@ -124,6 +139,26 @@ class EpochLoader:
         if indices.size:
             yield from self._iterate(indices)
         self.epoch += 1
+
+    def positions(self, indices: np.ndarray) -> np.ndarray:
+        """Global positions in this epoch's order of ``indices``, the tail of this rank's plan that a pass reads: the
+        keys of the per-sample random parameters (:mod:`fastlivt.data.sample_rng`)."""
+        planned = self.plan(self.epoch).size
+        return epoch_positions(self.rank, self.world, planned - indices.size, indices.size)
+
+    def sample_params(self, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> SampleParams:
+        """Crop window, flip and RandAugment seed of each of ``indices`` (a pass's plan) in the current epoch."""
+        return train_params(self.cfg.run.seed, self.epoch, self.positions(indices), heights, widths, self.rrc_scale())
+
+    def close(self) -> None:
+        """Stop the backend's threads (also run at interpreter exit, and by ``with loader:``)."""
+        _OPEN.discard(self)
+
+    def __enter__(self) -> "EpochLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------------------ backends
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

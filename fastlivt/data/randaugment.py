@@ -1,4 +1,4 @@
-"""Per-sample RandAugment for FFCV pipelines, built from timm's own operators.
+"""Per-sample RandAugment for FFCV pipelines, built from timm's own operators, reproducible per sample.
 
 FFCV has no RandAugment. :class:`FFCVRandAugment` is an FFCV ``Operation`` that hands every uint8 HWC image of the
 batch to timm's ``RandAugment`` (a fresh random choice of ops and magnitudes *per sample*) through PIL, with exactly
@@ -6,17 +6,28 @@ the parameters timm's ``create_transform(..., auto_augment=config)`` gives it (:
 BFT that is ``rand-m9-mstd0.5-inc1`` = 2 ops out of the 'increasing' suite, magnitude 9/10 with std 0.5 noise, each
 applied with probability 0.5, translate up to 0.45 * img_size, fill = the dataset mean, bicubic resampling.
 
+Reproducibility: timm draws from Python's global ``random`` and NumPy's global generator, which the loader's threads
+would share in a schedule-dependent order. :func:`seeded_rand_augment` applies timm's ops to one image with every draw
+taken from a generator seeded by that sample's seed (:func:`fastlivt.data.sample_rng.aug_seeds`): the op choice from
+``numpy.random.default_rng(seed)`` exactly as timm's ``RandAugment.__call__`` draws it, and the ops' own draws
+(probability, magnitude noise, sign) from a ``random.Random`` that timm's module sees, for the calling thread only,
+in place of its global ``random`` (:class:`_ThreadLocalRandom`; other threads and callers keep the global one).
+The seeds reach the operation through its last memory buffer, filled per batch by the FFCV loader.
+
 It runs outside numba (``jit_mode=False``); the batch's images are split over a small thread pool because PIL
 releases the GIL inside its image operations.
 """
 from __future__ import annotations
 
+import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
@@ -31,11 +42,52 @@ def timm_rand_augment(config: str, img_size: int, mean: Sequence[float], interpo
     return rand_augment_transform(config, hparams)
 
 
-def rand_augment_batch(ra: Callable, images: np.ndarray, dst: np.ndarray, pool: Optional[ThreadPoolExecutor] = None) -> np.ndarray:
-    """Apply ``ra`` (PIL image -> PIL image) to each ``images[i]`` (uint8 HWC) independently, writing ``dst[i]``."""
+class _ThreadLocalRandom:
+    """Stands in for the ``random`` module inside timm's auto_augment: attribute look-ups go to the calling thread's
+    ``random.Random`` while :func:`seeded_rand_augment` runs in it, to the real module otherwise."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __getattr__(self, name: str):
+        return getattr(getattr(self._local, "rng", None) or random, name)
+
+    def use(self, rng: Optional[random.Random]) -> None:
+        self._local.rng = rng
+
+
+_LOCK = threading.Lock()
+
+
+def _thread_local_random() -> _ThreadLocalRandom:
+    with _LOCK:
+        proxy = timm_auto_augment.random
+        if not isinstance(proxy, _ThreadLocalRandom):
+            proxy = timm_auto_augment.random = _ThreadLocalRandom()
+        return proxy
+
+
+def seeded_rand_augment(ra: RandAugment, image: Image.Image, seed: int) -> Image.Image:
+    """timm's ``ra(image)`` with all its randomness from ``seed``: the same (image, seed) give the same output in
+    any thread, whatever else runs."""
+    proxy = _thread_local_random()
+    chosen = np.random.default_rng(int(seed)).choice(len(ra.ops), ra.num_layers, replace=ra.choice_weights is None,
+                                                   p=ra.choice_weights)
+    proxy.use(random.Random(int(seed)))
+    try:
+        for k in chosen:
+            image = ra.ops[int(k)](image)
+    finally:
+        proxy.use(None)
+    return image
+
+
+def rand_augment_batch(ra: RandAugment, images: np.ndarray, dst: np.ndarray, seeds: np.ndarray,
+                       pool: Optional[ThreadPoolExecutor] = None) -> np.ndarray:
+    """``dst[i] = ra(images[i])`` (uint8 HWC) drawing from ``seeds[i]``, for each i independently."""
 
     def one(i: int) -> None:
-        dst[i] = np.asarray(ra(Image.fromarray(images[i])))
+        dst[i] = np.asarray(seeded_rand_augment(ra, Image.fromarray(images[i]), int(seeds[i])))
 
     if pool is None:
         for i in range(images.shape[0]):
@@ -54,8 +106,12 @@ def _ffcv_operation_base():
 class FFCVRandAugment(_ffcv_operation_base()):
     """FFCV operation: per-sample timm RandAugment on a batch of uint8 ``[B,H,W,3]`` arrays (same shape out).
 
-    Place it after the decoder (and flip), before ``ToTensor``. ``num_threads`` > 1 splits the batch over threads.
+    Place it after the decoder, before ``ToTensor``. Its memory is ``(output images, seeds int64 [B, 1])``; the loader
+    writes each batch's sample seeds into the second buffer before the batch runs (``PARAM_WIDTH`` columns).
+    ``num_threads`` > 1 splits the batch over threads.
     """
+
+    PARAM_WIDTH = 1
 
     def __init__(self, config: str, img_size: int, mean: Sequence[float], interpolation: str = "bicubic",
                  num_threads: int = 1):
@@ -64,16 +120,23 @@ class FFCVRandAugment(_ffcv_operation_base()):
         self.num_threads = max(1, int(num_threads))
         self._pool: Optional[ThreadPoolExecutor] = None
 
-    def generate_code(self) -> Callable:
+    def generate_code(self):
         ra = self.ra
         if self.num_threads > 1 and self._pool is None:
             self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="randaugment")
         pool = self._pool
 
-        def rand_augment(images: np.ndarray, dst: np.ndarray) -> np.ndarray:
-            return rand_augment_batch(ra, images, dst, pool)
+        def rand_augment(images: np.ndarray, memory) -> np.ndarray:
+            dst, params = memory
+            return rand_augment_batch(ra, images, dst[: images.shape[0]], params[: images.shape[0], 0], pool)
 
         return rand_augment
+
+    def close(self) -> None:
+        """Stop the thread pool (waiting for its threads)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def declare_state_and_memory(self, previous_state) -> Tuple[object, object]:
         from ffcv.pipeline.allocation_query import AllocationQuery
@@ -81,4 +144,6 @@ class FFCVRandAugment(_ffcv_operation_base()):
         if len(previous_state.shape) != 3 or previous_state.shape[-1] != 3 or previous_state.dtype != np.dtype("uint8"):
             raise ValueError(f"FFCVRandAugment expects uint8 HWC images, got shape {previous_state.shape} "
                              f"dtype {previous_state.dtype} (place it before ToTensor)")
-        return replace(previous_state, jit_mode=False), AllocationQuery(previous_state.shape, previous_state.dtype)
+        return (replace(previous_state, jit_mode=False),
+                (AllocationQuery(previous_state.shape, previous_state.dtype),
+                 AllocationQuery((self.PARAM_WIDTH,), np.dtype("int64"))))
