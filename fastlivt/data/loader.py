@@ -49,6 +49,8 @@ class EpochLoader:
       advances the epoch by one by itself, so calling ``set_epoch`` before every epoch is optional but harmless.
     * ``skip(n)``: the next pass starts at batch n of its epoch (exact resume from a mid-epoch checkpoint: call
       ``set_epoch(e)`` and ``skip(steps_done_in_e)``); it then yields ``len(loader) - n`` batches.
+    * ``seek(consumed, end)``: the next pass reads positions [consumed, end) of its epoch's global order, split over
+      this loader's world (resume on any number of ranks; ``skip(n)`` is ``seek(n * batch_size * world, ...)``).
     * images are float32 with the values of ``(x/255 - mean) / std``; FFCV's come in channels_last memory layout.
     * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment the
       training loop applies (see module docstring); ``None`` otherwise. ``manifest``: the split's manifest;
@@ -97,7 +99,7 @@ class EpochLoader:
             num_classes = cfg.model.num_classes or self.manifest.num_classes
             self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, device=self.device)
         self.epoch = 0
-        self._skip = 0
+        self._seek: Optional[Tuple[int, int]] = None  # (consumed, end) of the next pass, global positions
 
     # ------------------------------------------------------------------------------------------------ epochs
     def __len__(self) -> int:
@@ -109,18 +111,29 @@ class EpochLoader:
     def skip(self, n_batches: int) -> None:
         if not 0 <= n_batches <= self._len:
             raise ValueError(f"skip: need 0 <= n_batches <= {self._len} (batches per epoch), got {n_batches}")
-        self._skip = int(n_batches)
+        per_rank = min(self._len * self.batch_size, self.sampler.per_rank(self.world))
+        self.seek(n_batches * self.batch_size * self.world, per_rank * self.world)
 
-    def plan(self, epoch: Optional[int] = None, skip: int = 0) -> np.ndarray:
+    def seek(self, consumed: int, end: int) -> None:
+        if not 0 <= consumed <= end:
+            raise ValueError(f"seek: need 0 <= consumed <= end, got consumed={consumed} end={end}")
+        self._seek = (int(consumed), int(end))
+
+    def plan(self, epoch: Optional[int] = None, skip: int = 0, seek: Optional[Tuple[int, int]] = None) -> np.ndarray:
         """This rank's sample indices for ``epoch`` in reading order: whole batches only when drop_last, then the
-        first ``skip`` batches removed."""
-        idx = self.sampler.indices(self.epoch if epoch is None else epoch, self.rank, self.world)
+        first ``skip`` batches removed; with ``seek=(consumed, end)`` the rest of the epoch's global order instead."""
+        epoch = self.epoch if epoch is None else epoch
+        if seek is not None:
+            idx = self.sampler.indices(epoch, self.rank, self.world, *seek)
+            n = idx.size // self.batch_size if self.drop_last else math.ceil(idx.size / self.batch_size)
+            return idx[: n * self.batch_size]
+        idx = self.sampler.indices(epoch, self.rank, self.world)
         idx = idx[: self._len * self.batch_size]
         return idx[skip * self.batch_size:]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.plan(skip=self._skip)
-        self._skip = 0
+        indices = self.plan(seek=self._seek)
+        self._seek = None
         if indices.size:
             yield from self._iterate(indices)
         self.epoch += 1

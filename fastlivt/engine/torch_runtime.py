@@ -7,7 +7,8 @@ do not end a cycle run under ``no_sync()`` — entered in :meth:`autocast`, beca
 the following backward all-reduces.
 
 Checkpoints are one file ``directory/<tag>.pt`` holding model, optimizer, the runtime's counters and ``meta``, written
-to a temporary name and renamed by rank 0 only.
+to a temporary name and renamed by rank 0 only. Model and optimizer state are whole (DDP replicates them), so a
+checkpoint loads on any number of processes; it is read with ``weights_only=True`` (:func:`~fastlivt.engine.checkpoint.safe_load`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastlivt.config import ConfigError, TrainConfig
+from fastlivt.engine.checkpoint import safe_load
 from fastlivt.engine.runtime import Runtime
 from fastlivt.logs import get_logger
 
@@ -171,14 +173,16 @@ class TorchRuntime(Runtime):
         path = checkpoint_file(directory, tag)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path)
         for key in ("model", "optimizer", "runtime", "meta"):
-            if key not in state:
+            if not isinstance(state, dict) or key not in state:
                 raise ValueError(f"{path}: not a fastlivt checkpoint (no {key!r} entry)")
         self.unwrap().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.micro_steps = int(state["runtime"]["micro_steps"])
         self.global_steps = int(state["runtime"]["global_steps"])
+        # taken at an accumulation boundary: restart the micro-step counter in phase (the accumulation may have
+        # changed with the world size, see fastlivt.engine.elastic)
+        self.micro_steps = self.global_steps * self.accum_steps
         return state["meta"]
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
