@@ -44,7 +44,7 @@ class MemoryLoader:
         self.manifest, self.seed, self.shuffle, self.rank, self.world = manifest, seed, shuffle, rank, world
         self.crash_after, self.batch_augment, self.drop_last = crash_after, batch_augment, drop_last
         self.epoch, self._seek, self.handed_out = 0, None, 0
-        self.read: List[List[int]] = []
+        self.read: List[Tuple[int, List[int]]] = []
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
@@ -85,7 +85,7 @@ class MemoryLoader:
                 raise SimulatedCrash(f"simulated kill after {self.handed_out} batches")
             self.handed_out += 1
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
-            self.read.append(sel.tolist())
+            self.read.append((self.epoch, sel.tolist()))
             yield self.images[sel].clone(), self.labels[sel].clone()
 
 

@@ -140,3 +140,30 @@ def test_bad_arguments_are_clear_errors():
         LongTailSampler(np.array([0, 2]), 2)
     with pytest.raises(ValueError, match="rank"):
         LongTailSampler(labels, 2).indices(0, 2, 2)
+
+
+@pytest.mark.parametrize("strategy", ["instance", "class_balanced", "square_root", "progressive"])
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (4, 3), (3, 2)])
+def test_resume_on_another_world_reads_the_rest_of_the_plan(strategy, old, new):
+    """Interrupted after k batches on `old` ranks, continued on `new`: the epoch's positions are read exactly once."""
+    labels, _ = _long_tail_labels(n_max=300)
+    s = LongTailSampler(labels, C, strategy, seed=5, total_epochs=6)
+    batch, epoch = 4, 3
+    per_rank = s.per_rank(old) // batch * batch  # whole batches (drop_last)
+    end = per_rank * old
+    consumed = 5 * batch * old  # 5 batches on every old rank
+    before = [s.indices(epoch, r, old)[: consumed // old] for r in range(old)]
+    after = [s.indices(epoch, r, new, consumed, end) for r in range(new)]
+    positions = np.resize(s.epoch_order(epoch), end)  # the epoch's plan (wrapped past N like the sharded plan)
+    read = np.sort(np.concatenate(before + after))
+    pad = -(-(end - consumed) // new) * new - (end - consumed)  # repeats that fill the new ranks evenly
+    assert pad < new and {len(a) for a in after} == {(end - consumed + pad) // new}
+    if pad == 0:
+        assert np.array_equal(read, np.sort(positions))
+    else:  # the padding repeats the first positions of the rest, nothing else is added or lost
+        extra = positions[consumed:consumed + pad]
+        assert np.array_equal(read, np.sort(np.concatenate([positions, extra])))
+    if strategy == "instance" and end == s.num_samples:
+        assert np.unique(np.concatenate(before + after)[: end]).size == end
+    # the default (start=0, stop=None) is today's sharding, unchanged
+    assert np.array_equal(s.indices(epoch, 1 % old, old), s.indices(epoch, 1 % old, old, 0, s.per_rank(old) * old))

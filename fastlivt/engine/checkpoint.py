@@ -28,6 +28,7 @@ import json
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -49,13 +50,15 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 def _safe_globals() -> list:
     """Types besides tensors and plain containers that checkpoint files legitimately hold: DeepSpeed's ZeRO optimizer
-    files record its stage enum and its (static, fp32: unit) loss scaler. Unpickling them builds plain objects."""
+    files record its stage enum, its (static, fp32: unit) loss scaler and the fragment addresses of ZeRO-1/2 partitions.
+    Unpickling them builds plain data objects."""
     allowed: list = []
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
 
-        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler]
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     except ImportError:  # DeepSpeed not installed: plain-engine checkpoints need nothing extra
         pass
     return allowed
@@ -71,10 +74,10 @@ def safe_load(path: str | Path, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsafeCheckpointError(f"{path}: refused to load: it holds objects outside the allow-list of tensors, "
-                                    f"containers and the project's own types, so unpickling it could run code "
-                                    f"({first})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else str(e).strip().splitlines()[-1][:200]
+        raise UnsafeCheckpointError(f"{path}: refused to load: {what}, outside the allow-list of tensors, containers "
+                                    f"and the project's own types, so unpickling it could run code") from None
 
 
 # --------------------------------------------------------------------------------------------------- RNG
