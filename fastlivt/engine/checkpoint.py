@@ -29,6 +29,7 @@ import os
 import pickle
 import random
 import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -53,6 +54,8 @@ def _safe_globals() -> list:
     files record its stage enum, its (static, fp32: unit) loss scaler and the fragment addresses of ZeRO-1/2 partitions.
     Unpickling them builds plain data objects."""
     allowed: list = []
+    if "deepspeed" not in sys.modules:  # only DeepSpeed's own files hold its types; whoever reads them imported it
+        return allowed
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum

@@ -53,6 +53,8 @@ def read_meta(engine: str, path: Path) -> Dict[str, Any]:
         if not isinstance(state, dict) or "meta" not in state:
             raise ValueError(f"{path}: not a fastlivt checkpoint (no 'meta' entry)")
         return state["meta"]
+    import deepspeed  # noqa: F401  (DeepSpeed's enum in the shards joins the allow-list)
+
     return safe_load(path / META_FILE.format(rank=0))
 
 
