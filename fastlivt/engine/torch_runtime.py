@@ -159,11 +159,16 @@ class TorchRuntime(Runtime):
         if self.micro_steps % self.accum_steps != 0:
             raise RuntimeError(f"checkpoint requested inside an accumulation cycle (micro step {self.micro_steps}, "
                                f"accumulation {self.accum_steps}): gradients in flight would be lost")
+        rngs = [meta.get("rng")]
+        if self.world > 1:  # every rank's random streams (masks, drop path differ across ranks)
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, meta.get("rng"))
         if self.is_main:
             state = {
                 "model": self.unwrap().state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "runtime": {"micro_steps": self.micro_steps, "global_steps": self.global_steps, "world": self.world},
+                "runtime": {"micro_steps": self.micro_steps, "global_steps": self.global_steps, "world": self.world,
+                            "rng_per_rank": rngs},
                 "meta": meta,
             }
             atomic_torch_save(state, checkpoint_file(directory, tag))
@@ -183,7 +188,11 @@ class TorchRuntime(Runtime):
         # taken at an accumulation boundary: restart the micro-step counter in phase (the accumulation may have
         # changed with the world size, see fastlivt.engine.elastic)
         self.micro_steps = self.global_steps * self.accum_steps
-        return state["meta"]
+        meta = state["meta"]
+        rngs = state["runtime"].get("rng_per_rank")
+        if rngs and len(rngs) == self.world and rngs[self.rank] is not None:
+            meta["rng"] = rngs[self.rank]  # this rank's own streams (same world size)
+        return meta
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The bare model's state on CPU, floating tensors in fp32 (every rank gets it; no communication needed)."""
