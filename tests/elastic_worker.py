@@ -110,7 +110,8 @@ def universal_moments(directory: Path) -> dict:
 
     out = {}
     for f in sorted((directory / "zero").glob("*/exp_avg*.pt")):
-        out[f"{f.parent.name}::{f.stem}"] = safe_load(f)["param"].float().clone()
+        state = safe_load(f)  # {"param": tensor} (ZeRO-1/2 conversion) or the tensor itself (ZeRO-3)
+        out[f"{f.parent.name}::{f.stem}"] = (state["param"] if isinstance(state, dict) else state).float().clone()
     return out
 
 
