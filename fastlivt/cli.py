@@ -16,13 +16,14 @@ COMMANDS = {
     "evaluate": ("fastlivt.engine.evaluate", "top-1, many/medium/few, ECE/MCE of a checkpoint"),
     "bench": ("fastlivt.bench.cli", "throughput harness: data | attention | model | loss | step | all"),
     "demo": ("fastlivt.demo", "the embedded Fashion-MNIST-LT demo (convert -> MGP -> BFT x4 losses -> evaluate)"),
+    "checkpoint": ("fastlivt.engine.checkpoint_cli", "info | export: what a training checkpoint holds; its weights as safetensors"),
     "launch": ("fastlivt.engine.launch", "build and run the DeepSpeed launcher command for pretrain/finetune"),
 }
 
 
 def usage() -> str:
     lines = ["usage: fastlivt COMMAND [options]   (fastlivt COMMAND --help for each)", "", "commands:"]
-    lines += [f"  {name:<9} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
 

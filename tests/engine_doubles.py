@@ -32,9 +32,10 @@ def write_manifest(directory: Path, labels: np.ndarray, num_classes: int, split:
 
 class MemoryLoader:
     """Batches of in-memory tensors with the training loader's interface: ``len``, ``set_epoch(epoch)``, ``skip(n)``,
-    iteration over ``(images, labels)``, ``manifest``, ``num_samples`` and ``batch_augment``. The order of each epoch is a permutation
-    seeded by (seed, epoch); rank r takes every world-th sample. ``crash_after`` raises :class:`SimulatedCrash` when
-    that many batches have been handed out by this object (across epochs)."""
+    ``seek(consumed, end)``, iteration over ``(images, labels)``, ``manifest``, ``num_samples`` and ``batch_augment``.
+    The order of each epoch is a permutation seeded by (seed, epoch); rank r takes every world-th position of it (of
+    positions [consumed, end) after a seek). ``crash_after`` raises :class:`SimulatedCrash` when that many batches have
+    been handed out by this object (across epochs). ``read`` records the sample indices of every batch handed out."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, manifest: Manifest, seed: int = 0,
                  shuffle: bool = True, rank: int = 0, world: int = 1, crash_after: Optional[int] = None,
@@ -42,13 +43,18 @@ class MemoryLoader:
         self.images, self.labels, self.batch_size = images, labels, batch_size
         self.manifest, self.seed, self.shuffle, self.rank, self.world = manifest, seed, shuffle, rank, world
         self.crash_after, self.batch_augment, self.drop_last = crash_after, batch_augment, drop_last
-        self.epoch, self._skip, self.handed_out = 0, 0, 0
+        self.epoch, self._seek, self.handed_out = 0, None, 0
+        self.read: List[Tuple[int, List[int]]] = []
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) \
             if self.shuffle else torch.arange(n)
-        return order[self.rank::self.world][: self.per_rank()]
+        start, stop = self._seek or (0, self.per_rank() * self.world)
+        part = order.repeat(-(-stop // n))[start:stop]
+        per = -(-len(part) // self.world)
+        part = part.repeat(-(-per * self.world // max(len(part), 1)))[: per * self.world]
+        return part[self.rank::self.world]
 
     def per_rank(self) -> int:
         return len(self.labels) // self.world
@@ -65,16 +71,21 @@ class MemoryLoader:
         self.epoch = epoch
 
     def skip(self, n_batches: int) -> None:
-        self._skip = n_batches
+        self.seek(n_batches * self.batch_size * self.world, self.per_rank() * self.world)
+
+    def seek(self, consumed: int, end: int) -> None:
+        self._seek = (consumed, end)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        idx, first, self._skip = self._indices(), self._skip, 0
+        idx, self._seek = self._indices(), None
+        n_batches = len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
         torch.empty((), dtype=torch.int64).random_()  # as torch's DataLoader draws its workers' base seed
-        for b in range(first, len(self)):
+        for b in range(n_batches):
             if self.crash_after is not None and self.handed_out >= self.crash_after:
                 raise SimulatedCrash(f"simulated kill after {self.handed_out} batches")
             self.handed_out += 1
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            self.read.append((self.epoch, sel.tolist()))
             yield self.images[sel].clone(), self.labels[sel].clone()
 
 

@@ -140,3 +140,62 @@ def test_bad_arguments_are_clear_errors():
         LongTailSampler(np.array([0, 2]), 2)
     with pytest.raises(ValueError, match="rank"):
         LongTailSampler(labels, 2).indices(0, 2, 2)
+
+
+@pytest.mark.parametrize("strategy", ["instance", "class_balanced", "square_root", "progressive"])
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (4, 3), (3, 2)])
+def test_resume_on_another_world_reads_the_rest_of_the_plan(strategy, old, new):
+    """Interrupted after k batches on `old` ranks, continued on `new`: the epoch's positions are read exactly once."""
+    labels, _ = _long_tail_labels(n_max=300)
+    s = LongTailSampler(labels, C, strategy, seed=5, total_epochs=6)
+    batch, epoch = 4, 3
+    per_rank = s.per_rank(old) // batch * batch  # whole batches (drop_last)
+    end = per_rank * old
+    consumed = 5 * batch * old  # 5 batches on every old rank
+    before = [s.indices(epoch, r, old)[: consumed // old] for r in range(old)]
+    after = [s.indices(epoch, r, new, consumed, end) for r in range(new)]
+    positions = np.resize(s.epoch_order(epoch), end)  # the epoch's plan (wrapped past N like the sharded plan)
+    read = np.sort(np.concatenate(before + after))
+    pad = -(-(end - consumed) // new) * new - (end - consumed)  # repeats that fill the new ranks evenly
+    assert pad < new and {len(a) for a in after} == {(end - consumed + pad) // new}
+    if pad == 0:
+        assert np.array_equal(read, np.sort(positions))
+    else:  # the padding repeats the first positions of the rest, nothing else is added or lost
+        extra = positions[consumed:consumed + pad]
+        assert np.array_equal(read, np.sort(np.concatenate([positions, extra])))
+    if strategy == "instance" and end == s.num_samples:
+        assert np.unique(np.concatenate(before + after)[: end]).size == end
+    # the default (start=0, stop=None) is today's sharding, unchanged
+    assert np.array_equal(s.indices(epoch, 1 % old, old), s.indices(epoch, 1 % old, old, 0, s.per_rank(old) * old))
+
+
+def test_loader_plan_after_seek_on_another_world(tmp_path):
+    """EpochLoader.plan with seek=(consumed, end): the ranks of the new world split the rest of the epoch's plan."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from engine_doubles import write_manifest
+    from fastlivt.config import TrainConfig
+    from fastlivt.data.loader import EpochLoader
+
+    labels, _ = _long_tail_labels(n_max=60)
+    write_manifest(tmp_path / "train", labels, C)
+    cfg = TrainConfig()
+    cfg.data.train, cfg.data.batch_size, cfg.data.sampler, cfg.run.epochs = str(tmp_path / "train"), 4, "square_root", 3
+
+    def loader(rank, world):
+        return EpochLoader(cfg, "train", "pretrain", device="cpu", rank=rank, world=world)
+
+    old = [loader(r, 2) for r in range(2)]
+    end = len(old[0]) * 4 * 2
+    consumed = 3 * 4 * 2  # 3 batches on each of 2 ranks
+    before = [lo.plan(1)[: 3 * 4] for lo in old]
+    new = [loader(r, 3) for r in range(3)]
+    after = [lo.plan(1, seek=(consumed, end)) for lo in new]
+    assert {a.size for a in after} == {(end - consumed) // 3 // 4 * 4}  # whole batches, the same on every rank
+    read = np.concatenate(before + after)
+    kept = consumed + sum(a.size for a in after)
+    assert np.array_equal(np.sort(read), np.sort(np.resize(old[0].sampler.epoch_order(1), kept)))
+    old[1].skip(2)  # skip(n) is seek(n x batch x world, ...): the same batches as before
+    assert np.array_equal(old[1].plan(seek=old[1]._seek), old[1].plan(skip=2))

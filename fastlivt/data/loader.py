@@ -63,6 +63,8 @@ class EpochLoader:
       advances the epoch by one by itself, so calling ``set_epoch`` before every epoch is optional but harmless.
     * ``skip(n)``: the next pass starts at batch n of its epoch (exact resume from a mid-epoch checkpoint: call
       ``set_epoch(e)`` and ``skip(steps_done_in_e)``); it then yields ``len(loader) - n`` batches.
+    * ``seek(consumed, end)``: the next pass reads positions [consumed, end) of its epoch's global order, split over
+      this loader's world (resume on any number of ranks; ``skip(n)`` is ``seek(n * batch_size * world, ...)``).
     * images are float32 with the values of ``(x/255 - mean) / std``; FFCV's come in channels_last memory layout.
     * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment the
       training loop applies (see module docstring); ``None`` otherwise. ``manifest``: the split's manifest;
@@ -111,7 +113,8 @@ class EpochLoader:
             num_classes = cfg.model.num_classes or self.manifest.num_classes
             self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, device=self.device)
         self.epoch = 0
-        self._skip = 0
+        self._seek: Optional[Tuple[int, int]] = None  # (consumed, end) of the next pass, global positions
+        self._pass_offset = 0  # global positions of the epoch consumed before the current pass
         _OPEN.add(self)
 
     # ------------------------------------------------------------------------------------------------ epochs
@@ -124,27 +127,38 @@ class EpochLoader:
     def skip(self, n_batches: int) -> None:
         if not 0 <= n_batches <= self._len:
             raise ValueError(f"skip: need 0 <= n_batches <= {self._len} (batches per epoch), got {n_batches}")
-        self._skip = int(n_batches)
+        per_rank = min(self._len * self.batch_size, self.sampler.per_rank(self.world))
+        self.seek(n_batches * self.batch_size * self.world, per_rank * self.world)
 
-    def plan(self, epoch: Optional[int] = None, skip: int = 0) -> np.ndarray:
+    def seek(self, consumed: int, end: int) -> None:
+        if not 0 <= consumed <= end:
+            raise ValueError(f"seek: need 0 <= consumed <= end, got consumed={consumed} end={end}")
+        self._seek = (int(consumed), int(end))
+
+    def plan(self, epoch: Optional[int] = None, skip: int = 0, seek: Optional[Tuple[int, int]] = None) -> np.ndarray:
         """This rank's sample indices for ``epoch`` in reading order: whole batches only when drop_last, then the
-        first ``skip`` batches removed."""
-        idx = self.sampler.indices(self.epoch if epoch is None else epoch, self.rank, self.world)
+        first ``skip`` batches removed; with ``seek=(consumed, end)`` the rest of the epoch's global order instead."""
+        epoch = self.epoch if epoch is None else epoch
+        if seek is not None:
+            idx = self.sampler.indices(epoch, self.rank, self.world, *seek)
+            n = idx.size // self.batch_size if self.drop_last else math.ceil(idx.size / self.batch_size)
+            return idx[: n * self.batch_size]
+        idx = self.sampler.indices(epoch, self.rank, self.world)
         idx = idx[: self._len * self.batch_size]
         return idx[skip * self.batch_size:]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.plan(skip=self._skip)
-        self._skip = 0
+        seek, self._seek = self._seek, None
+        indices = self.plan(seek=seek)
+        self._pass_offset = seek[0] if seek is not None else 0
         if indices.size:
             yield from self._iterate(indices)
         self.epoch += 1
 
     def positions(self, indices: np.ndarray) -> np.ndarray:
-        """Global positions in this epoch's order of ``indices``, the tail of this rank's plan that a pass reads: the
-        keys of the per-sample random parameters (:mod:`fastlivt.data.sample_rng`)."""
-        planned = self.plan(self.epoch).size
-        return epoch_positions(self.rank, self.world, planned - indices.size, indices.size)
+        """Global positions in this epoch's order of ``indices``, the plan of the current pass: the keys of the
+        per-sample random parameters (:mod:`fastlivt.data.sample_rng`), the same whatever the world size or resume."""
+        return epoch_positions(self.rank, self.world, self._pass_offset, indices.size)
 
     def sample_params(self, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> SampleParams:
         """Crop window, flip and RandAugment seed of each of ``indices`` (a pass's plan) in the current epoch."""

@@ -5,7 +5,7 @@ workers there are, or on where a resumed run started. Every random choice of a t
 from a 64-bit key, ``sample_keys(seed, epoch, positions)``, by a counter-based hash (splitmix64's finaliser):
 
 * ``positions``: the sample's position in the epoch's *global* order (before sharding), i.e. for rank r of W reading
-  its k-th planned index, ``r + k * W`` (:func:`epoch_positions`). Keys do not depend on the world size, the batch
+  its k-th planned index after a resume at ``offset``, ``offset + r + k * W`` (:func:`epoch_positions`). Keys do not depend on the world size, the batch
   size, the number of workers or on a resume, and a sample drawn twice in one epoch (class-balanced sampling) gets two
   different augmentations.
 * ``uniforms(keys, stream, count)``: float64 uniforms in [0, 1), stream s = an independent draw for each key.
@@ -55,10 +55,11 @@ def sample_keys(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:
         return _mix(base ^ _mix(np.asarray(positions, dtype=np.int64).astype(np.uint64) + _GOLDEN))
 
 
-def epoch_positions(rank: int, world: int, start: int, count: int) -> np.ndarray:
-    """Global positions of the ``count`` planned indices of rank ``rank`` (of ``world``) from its ``start``-th on:
-    the sampler gives rank r the positions r, r + W, r + 2W, ... of the epoch's order (torch DistributedSampler)."""
-    return rank + world * np.arange(start, start + count, dtype=np.int64)
+def epoch_positions(rank: int, world: int, offset: int, count: int) -> np.ndarray:
+    """Global positions of the ``count`` indices rank ``rank`` (of ``world``) reads in a pass that starts after
+    ``offset`` positions of the epoch's order: the sampler gives rank r the positions offset + r, offset + r + W, ...
+    (torch DistributedSampler's striding of what is left of the epoch)."""
+    return offset + rank + world * np.arange(count, dtype=np.int64)
 
 
 def uniforms(keys: np.ndarray, stream: int, count: int = 1) -> np.ndarray:

@@ -14,6 +14,11 @@ world size W, and rank r takes positions r, r + W, r + 2W, ... Every rank theref
 ``instance`` the ranks' indices are disjoint and together cover the epoch whenever W divides N (otherwise the first
 ``ceil(N/W)*W - N`` samples of the epoch's order are read twice, once by a padded rank). ``shuffle=False`` (evaluation)
 keeps the written order 0..N-1, padded the same way.
+
+The data position of a run is a *global* quantity: reading batch b on every rank consumes positions
+[b B W, (b + 1) B W) of the (padded) epoch order. A run resumed after ``start`` positions, on any world size W', reads
+positions [start, stop) of the same order, again split rank-strided (``indices(epoch, rank, W', start, stop)``), so
+that within the epoch no sample is read twice and none is skipped whatever the old and new world sizes.
 """
 from __future__ import annotations
 
@@ -97,15 +102,23 @@ class LongTailSampler:
         """Indices every rank gets per epoch: ceil(N / world)."""
         return -(-self.num_samples // world)
 
-    def indices(self, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
-        """Rank ``rank``'s indices (int64, length ceil(N / world)) for ``epoch``; see the module docstring."""
+    def indices(self, epoch: int, rank: int = 0, world: int = 1, start: int = 0, stop: Optional[int] = None) -> np.ndarray:
+        """Rank ``rank``'s indices (int64) for ``epoch``: positions [start, stop) of the epoch's order (wrapped around
+        past N), rank-strided over ``world``. Default: the whole epoch, ceil(N / world) per rank. When stop - start is
+        not a multiple of ``world``, the last ranks end with repeats of the range's first positions."""
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"sampler: need 0 <= rank < world, got rank={rank} world={world}")
+        stop = self.per_rank(world) * world if stop is None else int(stop)
+        if not 0 <= start <= stop:
+            raise ValueError(f"sampler: need 0 <= start <= stop, got start={start} stop={stop}")
         order = self.epoch_order(epoch)
-        total = self.per_rank(world) * world
-        if total > order.size:  # wrap around, as torch's DistributedSampler pads
-            order = np.resize(order, total)
-        return order[rank:total:world]
+        if stop > order.size:  # wrap around, as torch's DistributedSampler pads
+            order = np.resize(order, stop)
+        part = order[start:stop]
+        padded = -(-part.size // world) * world
+        if padded > part.size:
+            part = np.resize(part, padded)
+        return part[rank::world]
 
 
 def sampler_from_manifest(manifest, strategy: str, seed: int, total_epochs: Optional[int] = None,

@@ -4,14 +4,19 @@ A training checkpoint is written by the runtime (``Runtime.save``: model + optim
 dict built here, holding everything else an exact resume needs:
 
     epoch            the epoch the run was in (or the next one, at an epoch end)
-    batch_in_epoch   micro-batches of that epoch already consumed (the loader skips them on resume)
+    batch_in_epoch   micro-batches of that epoch already consumed per rank (at the checkpoint's world size)
     step             optimizer steps taken so far (the schedule's input)
-    sampler          the loader's sampler state: seed, epoch, order kind (the data order is re-created from them)
-    rng              python / numpy / torch (and CUDA) generator states at that moment
+    sampler          the data position as a global quantity: seed, epoch, order kind, ``samples_consumed`` (positions
+                     of the epoch's global order already read, all ranks together), ``epoch_samples`` (where that
+                     epoch's plan ends), ``world`` / ``accum`` / ``batch_size`` it was written with
+    rng              python / numpy / torch (and CUDA) generator states at that moment, as tensors and ints
     schedule         the lr schedule's parameters (a resume with another schedule is refused)
     config           the whole TrainConfig as a dict
     manifest_sha256  hash of the training manifest (a resume on other data is refused)
     extra            task state: best metric, EMA weights, ...
+
+Loading never runs code: every checkpoint file is unpickled with ``weights_only=True`` and the allow-list
+:data:`SAFE_GLOBALS` (see :func:`safe_load`); a file that needs anything else is refused, naming the file.
 
 Checkpoints live in ``<run.out>/checkpoints``: tag ``last`` (every N steps and each epoch end) and ``best`` (BFT).
 Exports (``encoder.safetensors``, ``model.safetensors``) are written to a temporary name and renamed; their metadata
@@ -21,7 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -33,20 +41,66 @@ from fastlivt.logs import get_logger
 log = get_logger(__name__)
 
 CKPT_DIR = "checkpoints"
+META_FILE = "meta_rank{rank:05d}.pt"  # the per-rank meta beside a DeepSpeed checkpoint's shards
+
+
+# --------------------------------------------------------------------------------------------------- safe loading
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file that would need more than tensors, containers and the allow-listed types to unpickle."""
+
+
+def _safe_globals() -> list:
+    """Types besides tensors and plain containers that checkpoint files legitimately hold: DeepSpeed's ZeRO optimizer
+    files record its stage enum, its (static, fp32: unit) loss scaler and the fragment addresses of ZeRO-1/2 partitions.
+    Unpickling them builds plain data objects."""
+    allowed: list = []
+    if "deepspeed" not in sys.modules:  # only DeepSpeed's own files hold its types; whoever reads them imported it
+        return allowed
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed += [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+    except ImportError:  # DeepSpeed not installed: plain-engine checkpoints need nothing extra
+        pass
+    return allowed
+
+
+def safe_load(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with :func:`_safe_globals` allowed; a file that needs any other global
+    (a pickle that would run code) raises :class:`UnsafeCheckpointError` naming the file and the refused global."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"it refers to {found.group(1)}" if found else str(e).strip().splitlines()[-1][:200]
+        raise UnsafeCheckpointError(f"{path}: refused to load: {what}, outside the allow-list of tensors, containers "
+                                    f"and the project's own types, so unpickling it could run code") from None
 
 
 # --------------------------------------------------------------------------------------------------- RNG
 def capture_rng() -> Dict[str, Any]:
-    """The state of every random generator the training step may draw from (this process)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random generator the training step may draw from (this process), in a form that loads with
+    ``weights_only=True``: numpy's key array as an int64 tensor, python's state as a tuple of ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def restore_rng(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -78,6 +132,30 @@ def has_checkpoint(directory: str | Path, tag: str) -> bool:
     """Whether ``tag`` exists in either runtime's layout (``<tag>.pt`` file or DeepSpeed ``<tag>/`` directory)."""
     d = Path(directory)
     return (d / f"{tag}.pt").is_file() or (d / tag).is_dir()
+
+
+def engine_of(directory: str | Path, tag: str) -> str:
+    """``torch`` (``<tag>.pt``) or ``deepspeed`` (``<tag>/``) — which runtime wrote checkpoint ``tag``."""
+    d = Path(directory)
+    if (d / f"{tag}.pt").is_file():
+        return "torch"
+    if (d / tag).is_dir():
+        return "deepspeed"
+    raise FileNotFoundError(f"no checkpoint {tag!r} in {d} (neither {tag}.pt nor a {tag}/ directory)")
+
+
+def peek_meta(directory: str | Path, tag: str) -> Dict[str, Any]:
+    """Rank 0's ``meta`` of checkpoint ``tag`` without building a runtime (safe loading, tensors memory-mapped)."""
+    d = Path(directory)
+    if engine_of(d, tag) == "torch":
+        state = safe_load(d / f"{tag}.pt", mmap=True)
+        if not isinstance(state, dict) or "meta" not in state:
+            raise ValueError(f"{d / f'{tag}.pt'}: not a fastlivt checkpoint (no 'meta' entry)")
+        return state["meta"]
+    path = d / tag / META_FILE.format(rank=0)
+    if not path.is_file():
+        raise FileNotFoundError(f"{d / tag}: no {path.name}; not a DeepSpeed checkpoint written by fastlivt")
+    return safe_load(path)
 
 
 def check_meta(meta: Dict[str, Any], where: str, manifest_sha256: str) -> None:

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 from typing import Any, ContextManager, Dict, List, Union
@@ -38,7 +37,6 @@ FORBIDDEN_KEYS = {
     "scheduler": "the lr schedule is set per iteration by the training loop (optim.* in the YAML)",
     "fp16": "fp16 is not supported; use run.amp=bf16 (bf16 on CUDA) or run.amp=fp32",
 }
-META_FILE = "meta_rank{rank:05d}.pt"
 
 
 # --------------------------------------------------------------------------------------------------- configuration
@@ -243,54 +241,16 @@ class DeepSpeedRuntime(Runtime):
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: str, tag: str, meta: Dict[str, Any]) -> None:
-        """DeepSpeed's sharded checkpoint under ``directory/tag`` with ``meta`` (per rank), atomically.
+        """DeepSpeed's sharded checkpoint + per-rank meta under ``directory/tag``, atomically (every rank calls it)."""
+        from fastlivt.engine import ds_checkpoint
 
-        Every rank must call it. DeepSpeed writes ``directory/tag.tmp``; only after all ranks have finished does rank 0
-        rename it to ``directory/tag`` and then rewrite ``directory/latest`` (so a crash leaves the previous checkpoint
-        intact). Several nodes need a shared filesystem for ``directory``.
-        """
-        if self.engine.micro_steps % self.accum_steps != 0:
-            raise RuntimeError(f"checkpoint requested inside an accumulation cycle (micro step {self.engine.micro_steps}, "
-                               f"accumulation {self.accum_steps}): gradients in flight would be lost")
-        root = Path(directory)
-        final, tmp = root / tag, root / f"{tag}.tmp"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        self.barrier()
-        self.engine.save_checkpoint(str(root), tag=tmp.name, client_state=meta, save_latest=False)
-        torch.save(meta, tmp / META_FILE.format(rank=self.rank))
-        self.barrier()
-        if self.is_main:
-            old = root / f"{tag}.old"
-            if final.exists():
-                if old.exists():
-                    shutil.rmtree(old)
-                final.rename(old)
-            tmp.rename(final)
-            if old.exists():
-                shutil.rmtree(old)
-            latest_tmp = root / "latest.tmp"
-            latest_tmp.write_text(tag)
-            latest_tmp.replace(root / "latest")
-        self.barrier()
+        ds_checkpoint.save(self, directory, tag, meta)
 
     def load(self, directory: str, tag: str) -> Dict[str, Any]:
-        """Restore model, optimizer and engine counters from ``directory/tag``; return this rank's ``meta``."""
-        path = Path(directory) / tag
-        if not path.is_dir():
-            raise FileNotFoundError(f"DeepSpeed checkpoint not found: {path}")
-        load_path, client_state = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
-                                                              load_lr_scheduler_states=False)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-        # Checkpoints are taken at accumulation boundaries: restart the micro-step counter in phase.
-        self.engine.micro_steps = self.engine.global_steps * self.accum_steps
-        own = path / META_FILE.format(rank=self.rank)
-        if own.is_file():
-            return torch.load(own, map_location="cpu", weights_only=False)
-        return dict(client_state or {})
+        """Restore ``directory/tag`` (resharded through a universal checkpoint when written on another world size)."""
+        from fastlivt.engine import ds_checkpoint
+
+        return ds_checkpoint.load(self, directory, tag)
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole model's state (fp32 master weights, on CPU), gathered across ZeRO shards.

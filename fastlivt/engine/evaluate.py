@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from fastlivt.config import ConfigError, TrainConfig, from_dict, parse_override, to_dict
-from fastlivt.engine.checkpoint import read_safetensors
+from fastlivt.engine.checkpoint import read_safetensors, safe_load
 from fastlivt.engine.finetune import EXPORT_FORMAT, predict
 from fastlivt.engine.torch_runtime import resolve_device
 from fastlivt.logs import get_logger
@@ -42,7 +42,7 @@ def read_classifier(path: Path) -> Tuple[Dict[str, torch.Tensor], TrainConfig, O
             raise ValueError(f"{path}: not a fine-tuned classifier export (format {meta.get('format')!r}); "
                              f"an MGP encoder export has no classifier head to evaluate")
         return state, from_dict(TrainConfig, meta["config"]), meta.get("class_counts")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = safe_load(path)  # weights_only: a crafted file is refused, never run
     if not isinstance(obj, dict) or "model" not in obj or "config" not in obj.get("meta", {}):
         raise ValueError(f"{path}: not a fastlivt checkpoint (no model / meta.config entries)")
     cfg = from_dict(TrainConfig, obj["meta"]["config"])

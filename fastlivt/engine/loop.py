@@ -8,12 +8,15 @@ end; call the task's epoch-end hook (evaluation, reconstructions); finally the t
 What differs between MGP and BFT is a :class:`Task` (``fastlivt.engine.pretrain.MGPTask``,
 ``fastlivt.engine.finetune.BFTTask``). The loader is ``fastlivt.data.build_loader`` unless a test injects another
 object with the same interface: ``len(loader)`` batches per epoch on this rank, ``loader.set_epoch(epoch)`` (the
-order re-created from (seed, epoch)), ``loader.skip(n)`` (the next pass leaves out its first n batches), iteration
+order re-created from (seed, epoch)), ``loader.seek(consumed, end)`` (the next pass reads positions [consumed, end)
+of the epoch's global order, split over the ranks), iteration
 over ``(images, labels)`` on the device, ``loader.manifest`` and ``loader.batch_augment``.
 
-Exact resume: a checkpoint is taken at an accumulation boundary and records (epoch, micro-batches consumed in that
-epoch, optimizer step) and the RNG states; on ``--resume`` the same epoch's order is rebuilt, the consumed batches
-are skipped, the weights/optimizer/RNG restored — on CPU the continued run equals the uninterrupted one bit for bit.
+Exact resume: a checkpoint is taken at an accumulation boundary and records (epoch, samples of the epoch's global
+order consumed, optimizer step) and the RNG states; on ``--resume`` the same epoch's order is rebuilt, the loader
+seeks past the consumed samples, the weights/optimizer/RNG are restored — on CPU the continued run equals the
+uninterrupted one bit for bit. On another number of processes the rest of the epoch's order is split over the new
+ranks and the accumulation adapts (:mod:`fastlivt.engine.elastic`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import nn
 
 from fastlivt.config import TrainConfig, save_config, to_dict
 from fastlivt.engine import checkpoint as ckpt
+from fastlivt.engine import elastic
 from fastlivt.engine.logger import TrainLogger
 from fastlivt.engine.optim import param_groups, peak_lr
 from fastlivt.engine.runtime import Runtime
@@ -85,12 +89,15 @@ class Run:
     def ckpt_dir(self) -> Path:
         return self.out / ckpt.CKPT_DIR
 
-    def save(self, tag: str, epoch: int, batch_in_epoch: int, task: Task) -> None:
-        """Checkpoint ``tag`` (every rank calls it): weights + optimizer by the runtime, the rest in ``meta``."""
+    def save(self, tag: str, epoch: int, consumed: int, task: Task, epoch_samples: int = 0) -> None:
+        """Checkpoint ``tag`` (every rank calls it): weights + optimizer by the runtime, the rest in ``meta``.
+        ``consumed``: positions of ``epoch``'s global order read so far; ``epoch_samples``: where its plan ends."""
+        world, batch = self.runtime.world, self.cfg.data.batch_size
         meta = ckpt.build_meta(
-            epoch=epoch, batch_in_epoch=batch_in_epoch, step=self.step,
+            epoch=epoch, batch_in_epoch=consumed // (batch * world), step=self.step,
             sampler={"kind": self.cfg.data.sampler, "seed": self.cfg.run.seed, "epoch": epoch,
-                     "batches_consumed": batch_in_epoch, "world": self.runtime.world},
+                     "samples_consumed": consumed, "epoch_samples": epoch_samples, "world": world,
+                     "accum": self.runtime.accum_steps, "batch_size": batch},
             schedule=self.schedule.state_dict(), config=to_dict(self.cfg), manifest_sha256=self.manifest_sha256,
             extra=task.state_dict())
         self.runtime.save(str(self.ckpt_dir), tag, meta)
@@ -118,6 +125,15 @@ LoaderFactory = Callable[[TrainConfig, str, str, Runtime], Any]
 
 def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: LoaderFactory = default_loader) -> Run:
     """Train ``task`` as ``cfg`` says; ``resume`` continues from ``<run.out>/checkpoints/last``. Returns the :class:`Run`."""
+    # ---- resume plan (before the runtime: the accumulation depends on the checkpoint's world size)
+    ckpt_dir = Path(cfg.run.out) / ckpt.CKPT_DIR
+    saved: Dict[str, Any] = {}
+    if resume:
+        if not ckpt.has_checkpoint(ckpt_dir, "last"):
+            raise FileNotFoundError(f"--resume: no checkpoint 'last' in {ckpt_dir}")
+        saved = ckpt.peek_meta(ckpt_dir, "last")
+        reshard = elastic.plan_resume(saved, cfg, elastic.launched_world())
+
     # ---- runtime, seeds, data
     runtime = build_runtime(cfg)
     ckpt.seed_everything(cfg.run.seed)  # same initial weights on every rank
@@ -131,6 +147,7 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
     accum = runtime.accum_steps
     steps_per_epoch = len(loader) // accum
     micro_per_epoch = steps_per_epoch * accum
+    per_micro = cfg.data.batch_size * runtime.world  # positions of the epoch's global order per micro-batch
     if len(loader) % accum:
         log.info("%d batches per epoch, accumulation %d: the last %d batch(es) of each epoch are left out",
                  len(loader), accum, len(loader) % accum)
@@ -152,21 +169,42 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
     task.setup(run)
 
     # ---- resume
-    start_epoch, skip = 0, 0
+    start_epoch, consumed, epoch_end = 0, 0, 0
+    pending_rng = None
     if resume:
-        if not ckpt.has_checkpoint(run.ckpt_dir, "last"):
-            raise FileNotFoundError(f"--resume: no checkpoint 'last' in {run.ckpt_dir}")
+        if runtime.world != reshard.world:
+            raise RuntimeError(f"WORLD_SIZE said {reshard.world} processes, the runtime has {runtime.world}")
         meta = runtime.load(str(run.ckpt_dir), "last")
         ckpt.check_meta(meta, str(run.ckpt_dir / "last"), manifest_sha256)
-        schedule.check_resumable(meta["schedule"])
         task.load_state_dict(meta["extra"])
-        start_epoch, skip, run.step = meta["epoch"], meta["batch_in_epoch"], meta["step"]
-        log.info("resumed from %s: epoch %d, batch %d, step %d", run.ckpt_dir / "last", start_epoch, skip, run.step)
+        start_epoch, run.step = meta["epoch"], meta["step"]
+        sampler = meta["sampler"]
+        old_per_micro = cfg.data.batch_size * reshard.old_world
+        consumed = int(sampler.get("samples_consumed", meta["batch_in_epoch"] * old_per_micro))
+        epoch_end = int(sampler.get("epoch_samples", micro_per_epoch * old_per_micro)) if consumed else 0
+        if reshard.changed:
+            saved_schedule = dict(meta["schedule"])
+            if saved_schedule["steps_per_epoch"] != steps_per_epoch:
+                run.step = elastic.rescaled_step(start_epoch, consumed, steps_per_epoch, per_micro * accum)
+                log.warning("steps per epoch %d -> %d: optimizer step %d continues as step %d of the new schedule",
+                            saved_schedule["steps_per_epoch"], steps_per_epoch, meta["step"], run.step)
+            if not reshard.kept:
+                saved_schedule["peak_lr"] = schedule.peak_lr
+            saved_schedule["steps_per_epoch"] = steps_per_epoch
+            schedule.check_resumable(saved_schedule)
+            seed = elastic.reseed_for(cfg.run.seed, run.step, runtime.rank)
+            ckpt.seed_everything(seed)
+            log.info("random streams re-seeded from (seed, step %d, rank %d): no bit-exact continuation across world "
+                     "sizes", run.step, runtime.rank)
+        else:
+            schedule.check_resumable(meta["schedule"])
+            # The checkpoint's RNG states are restored at the point of the timeline where they were captured: before
+            # the epoch's iterator is created for an epoch-boundary checkpoint, after it has produced its first batch
+            # for a mid-epoch one (creating an iterator, e.g. a DataLoader's, may draw random numbers).
+            pending_rng = meta["rng"]
+        log.info("resumed from %s: epoch %d, sample %d of %d, step %d", run.ckpt_dir / "last", start_epoch, consumed,
+                 epoch_end, run.step)
     run.logger = TrainLogger(out, start_step=run.step, resume=resume, **logger_args)
-    # The checkpoint's RNG states are restored at the point of the timeline where they were captured: before the
-    # epoch's iterator is created for an epoch-boundary checkpoint, after it has produced its first batch for a
-    # mid-epoch one (creating an iterator, e.g. a DataLoader's, may draw random numbers).
-    pending_rng = meta["rng"] if resume else None
 
     # ---- the loop
     max_steps = cfg.run.max_steps or schedule.total_steps
@@ -179,17 +217,23 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
         run.epoch = epoch
         model.train()
         loader.set_epoch(epoch)
-        if skip:
-            loader.skip(skip)
-        i = skip  # micro-batches of this epoch consumed so far
-        if pending_rng is not None and skip == 0:
+        pos, end = consumed, (epoch_end if consumed else micro_per_epoch * per_micro)
+        if consumed:
+            loader.seek(consumed, end)
+        # micro-batches this pass reads: whole accumulation cycles of what is left of the epoch's plan
+        micro_left = (end - pos) // (per_micro * accum) * accum
+        if consumed and (end - pos) > micro_left * per_micro:
+            log.info("the last %d sample(s) of epoch %d's plan make no whole step on %d process(es); left out",
+                     end - pos - micro_left * per_micro, epoch, runtime.world)
+        i = 0  # micro-batches of this pass
+        if pending_rng is not None and consumed == 0:
             ckpt.restore_rng(pending_rng)
             pending_rng = None
         for images, labels in loader:
             if pending_rng is not None:
                 ckpt.restore_rng(pending_rng)
                 pending_rng = None
-            if i >= micro_per_epoch:
+            if i >= micro_left:
                 break
             if i % accum == 0:
                 runtime.set_lr(schedule(run.step))
@@ -197,6 +241,7 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
                 loss, scalars = task.forward(run, images, labels)
             runtime.backward(loss)
             i += 1
+            pos += per_micro
             run.logger.count(images.shape[0] * runtime.world)
             for k, v in {"loss": loss, **scalars}.items():
                 v = torch.as_tensor(v).detach().float()
@@ -216,19 +261,19 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
                 sums, n_sum = {}, 0
             run.logger.step(run.step, row, write)
             if cfg.run.ckpt_every_steps and run.step % cfg.run.ckpt_every_steps == 0:
-                run.save("last", epoch, i, task)
+                run.save("last", epoch, pos, task, end)
             if run.step >= max_steps:
                 done = True
                 break
-        skip = 0
+        consumed = 0
         if pending_rng is not None:  # resumed at the very end of an epoch: no batch was left to read
             ckpt.restore_rng(pending_rng)
             pending_rng = None
-        if done and i < micro_per_epoch:  # stopped by run.max_steps inside an epoch
-            run.save("last", epoch, i, task)
+        if done and i < micro_left:  # stopped by run.max_steps inside an epoch
+            run.save("last", epoch, pos, task, end)
             break
         task.end_of_epoch(run, epoch)
-        run.save("last", epoch + 1, 0, task)
+        run.save("last", epoch + 1, 0, task, micro_per_epoch * per_micro)
         run.logger.note(f"epoch {epoch} done (step {run.step}/{schedule.total_steps})")
 
     task.finish(run)

@@ -7,7 +7,8 @@ do not end a cycle run under ``no_sync()`` — entered in :meth:`autocast`, beca
 the following backward all-reduces.
 
 Checkpoints are one file ``directory/<tag>.pt`` holding model, optimizer, the runtime's counters and ``meta``, written
-to a temporary name and renamed by rank 0 only.
+to a temporary name and renamed by rank 0 only. Model and optimizer state are whole (DDP replicates them), so a
+checkpoint loads on any number of processes; it is read with ``weights_only=True`` (:func:`~fastlivt.engine.checkpoint.safe_load`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastlivt.config import ConfigError, TrainConfig
+from fastlivt.engine.checkpoint import safe_load
 from fastlivt.engine.runtime import Runtime
 from fastlivt.logs import get_logger
 
@@ -157,11 +159,16 @@ class TorchRuntime(Runtime):
         if self.micro_steps % self.accum_steps != 0:
             raise RuntimeError(f"checkpoint requested inside an accumulation cycle (micro step {self.micro_steps}, "
                                f"accumulation {self.accum_steps}): gradients in flight would be lost")
+        rngs = [meta.get("rng")]
+        if self.world > 1:  # every rank's random streams (masks, drop path differ across ranks)
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, meta.get("rng"))
         if self.is_main:
             state = {
                 "model": self.unwrap().state_dict(),
                 "optimizer": self.optimizer.state_dict(),
-                "runtime": {"micro_steps": self.micro_steps, "global_steps": self.global_steps, "world": self.world},
+                "runtime": {"micro_steps": self.micro_steps, "global_steps": self.global_steps, "world": self.world,
+                            "rng_per_rank": rngs},
                 "meta": meta,
             }
             atomic_torch_save(state, checkpoint_file(directory, tag))
@@ -171,15 +178,21 @@ class TorchRuntime(Runtime):
         path = checkpoint_file(directory, tag)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_load(path)
         for key in ("model", "optimizer", "runtime", "meta"):
-            if key not in state:
+            if not isinstance(state, dict) or key not in state:
                 raise ValueError(f"{path}: not a fastlivt checkpoint (no {key!r} entry)")
         self.unwrap().load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.micro_steps = int(state["runtime"]["micro_steps"])
         self.global_steps = int(state["runtime"]["global_steps"])
-        return state["meta"]
+        # taken at an accumulation boundary: restart the micro-step counter in phase (the accumulation may have
+        # changed with the world size, see fastlivt.engine.elastic)
+        self.micro_steps = self.global_steps * self.accum_steps
+        meta = state["meta"]
+        rngs = state["runtime"].get("rng_per_rank")
+        if rngs and len(rngs) == self.world and rngs[self.rank] is not None:
+            meta["rng"] = rngs[self.rank]  # this rank's own streams (same world size)
+        return meta
 
     def full_state_dict(self) -> Dict[str, torch.Tensor]:
         """The bare model's state on CPU, floating tensors in fp32 (every rank gets it; no communication needed)."""
