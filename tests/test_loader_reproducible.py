@@ -106,6 +106,23 @@ def test_sample_params_are_pure_and_in_range():
     assert np.array_equal(tiles, np.arange(12))
 
 
+def test_rrc_windows_follow_torchvision_get_params():
+    from torchvision.transforms import RandomResizedCrop
+
+    keys = sample_rng.sample_keys(5, 0, np.arange(4000))
+    H, W = np.full(4000, 200), np.full(4000, 300)
+    top, left, h, w = sample_rng.rrc_windows(keys, H, W, (0.08, 1.0)).T
+    torch.manual_seed(0)  # torchvision's own sampling as the reference distribution
+    ref = np.array([RandomResizedCrop.get_params(torch.empty(3, 200, 300), [0.08, 1.0], [3 / 4, 4 / 3])
+                    for _ in range(4000)])
+    assert abs((h * w).mean() - (ref[:, 2] * ref[:, 3]).mean()) / 60000 < 0.02
+    assert abs(np.log(w / h).mean() - np.log(ref[:, 3] / ref[:, 2]).mean()) < 0.02
+    assert abs((top / (200 - h + 1)).mean() - 0.5) < 0.03
+    # no attempt fits a 10 x 100 strip at scale >= 0.9: the center crop of ratio 4/3 (h 10, w round(13.33))
+    fb = sample_rng.rrc_windows(keys[:3], np.full(3, 10), np.full(3, 100), (0.9, 1.0))
+    assert fb[0].tolist() == [0, 43, 10, 13]
+
+
 def test_seeded_rand_augment_ignores_other_threads_and_leaves_global_random_alone():
     from fastlivt.data.randaugment import seeded_rand_augment, timm_rand_augment
 

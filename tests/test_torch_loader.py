@@ -20,6 +20,7 @@ from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_decode as dd
 from fastlivt.data.pil_loader import PILLoader
+from fastlivt.data.sample_rng import train_params
 from fastlivt.data.shards import ShardReader
 from fastlivt.manifest import load_manifest
 
@@ -135,36 +136,6 @@ def test_undecodable_bytes_name_the_sample():
         dd.decode_batch([good, broken], ["a.jpg", "b.jpg"], torch.device("cpu"))
 
 
-def test_rrc_params_follow_torchvision_get_params():
-    idx = np.arange(4000)
-    H, W = np.full(idx.size, 200), np.full(idx.size, 300)
-    top, left, h, w, flip = dd.rrc_flip_params(5, 0, idx, H, W, (0.08, 1.0))
-    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
-    area = h * w / (200 * 300)
-    assert area.min() >= 0.075 and area.max() <= 1.0
-    assert (np.abs(np.log(w / h)) <= np.log(4 / 3) + 0.05).all()
-    assert 0.45 < flip.mean() < 0.55
-    torch.manual_seed(0)
-    ref = np.array([_torchvision_window() for _ in range(4000)])  # torchvision's own sampling
-    assert abs(area.mean() - (ref[:, 2] * ref[:, 3]).mean() / 60000) < 0.02
-    assert abs(np.log(w / h).mean() - np.log(ref[:, 3] / ref[:, 2]).mean()) < 0.02
-    assert abs((top / (200 - h + 1)).mean() - 0.5) < 0.03
-    # a pure function of (seed, epoch, index): batch-independent, different per epoch and seed
-    alone = dd.rrc_flip_params(5, 0, idx[[7]], H[:1], W[:1], (0.08, 1.0))
-    assert all(a[0] == b[7] for a, b in zip(alone, (top, left, h, w, flip)))
-    assert not np.array_equal(dd.rrc_flip_params(5, 1, idx, H, W, (0.08, 1.0))[0], top)
-    assert not np.array_equal(dd.rrc_flip_params(6, 0, idx, H, W, (0.08, 1.0))[0], top)
-    # no attempt fits a 10 x 100 strip at scale >= 0.9: the center crop of ratio 4/3 (h 10, w round(13.33))
-    fb = dd.rrc_flip_params(0, 0, np.arange(3), np.full(3, 10), np.full(3, 100), (0.9, 1.0))
-    assert [int(v[0]) for v in fb[:4]] == [0, 43, 10, 13]
-
-
-def _torchvision_window():
-    from torchvision.transforms import RandomResizedCrop
-
-    return RandomResizedCrop.get_params(torch.empty(3, 200, 300), [0.08, 1.0], [3 / 4, 4 / 3])
-
-
 def test_crop_resize_takes_the_window_and_flips():
     image = torch.from_numpy(_pattern(120, 110, 9)).permute(2, 0, 1)
     out = dd.crop_resize([image, image], np.array([10, 10]), np.array([20, 20]), np.array([80, 80]),
@@ -189,7 +160,8 @@ def test_pretrain_crops_follow_the_per_sample_parameters(split):
     reader = ShardReader(loader.manifest)
     pils = [Image.open(io.BytesIO(reader[int(i)].tobytes())).convert("RGB") for i in plan]
     H, W = np.array([p.height for p in pils]), np.array([p.width for p in pils])
-    top, left, h, w, flip = dd.rrc_flip_params(11, 1, plan, H, W, (0.2, 1.0))
+    params = train_params(11, 1, loader.positions(plan), H, W, (0.2, 1.0))
+    (top, left, h, w), flip = params.windows.T, params.flip
     got = _to_pixels(images)
     for k, pil in enumerate(pils):  # torchvision's PIL path as the independent reference
         ref = TF.resized_crop(pil, int(top[k]), int(left[k]), int(h[k]), int(w[k]), [32, 32], InterpolationMode.BICUBIC)

@@ -1,11 +1,8 @@
-"""Batched decoding and per-sample crops on any torch device, with randomness derived from (seed, epoch, index).
+"""Batched decoding and per-sample crops on any torch device (the torch backend's work on a batch).
 
-* :func:`sample_uniforms` / :func:`rrc_flip_params`: every random choice of a sample — its RandomResizedCrop window,
-  its horizontal flip, the seed of its RandAugment — is a pure function of ``(seed, epoch, sample index)`` (a
-  counter-based splitmix64 hash, vectorised over the batch), never of a global generator, the batch it lands in, the
-  worker that reads it or the device. The window follows ``torchvision.transforms.RandomResizedCrop.get_params``
-  (and timm's RRC): 10 attempts of area ~ U(scale) and log-aspect ~ U(log ratio), ``round`` to pixels, a uniform
-  position; then the center crop of the largest window within ``ratio``.
+The crop windows and flips come from :mod:`fastlivt.data.sample_rng` (a pure function of seed, epoch and the
+sample's position in the epoch), as in every backend.
+
 * :func:`decode_batch`: JPEG bytes in one batched ``torchvision.io.decode_jpeg`` call on the device (nvJPEG on CUDA,
   libjpeg-turbo on CPU tensors); other encodings torchvision reads (PNG, GIF, WebP) on the CPU, then moved; anything
   else, or a decoder failure, is an :class:`UndecodableSample` naming the shard and member.
@@ -24,76 +21,6 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
-_MASK = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-RRC_ATTEMPTS = 10
-RATIO = (3 / 4, 4 / 3)
-# uniforms per sample: 2 per attempt (area, log-aspect), top, left, flip
-_U_TOP, _U_LEFT, _U_FLIP = 2 * RRC_ATTEMPTS, 2 * RRC_ATTEMPTS + 1, 2 * RRC_ATTEMPTS + 2
-_U_COUNT = 2 * RRC_ATTEMPTS + 3
-
-
-def _splitmix64(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
-
-def sample_keys(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """One uint64 key per sample: a hash of (seed, epoch, index)."""
-    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
-    with np.errstate(over="ignore"):
-        k = _splitmix64(np.full(idx.shape, np.uint64(int(seed) & _MASK)) + _GOLDEN)
-        k = _splitmix64((k ^ np.uint64(int(epoch) & _MASK)) + _GOLDEN)
-        return _splitmix64((k ^ idx) + _GOLDEN)
-
-
-def sample_uniforms(seed: int, epoch: int, indices: np.ndarray, count: int) -> np.ndarray:
-    """``count`` independent U[0, 1) draws per sample (float64 ``[B, count]``), a pure function of each triple."""
-    keys = sample_keys(seed, epoch, indices)[:, None]
-    counters = (np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN)[None, :]
-    with np.errstate(over="ignore"):
-        bits = _splitmix64(keys + counters)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def augment_seeds(seed: int, epoch: int, indices: np.ndarray) -> np.ndarray:
-    """A 63-bit seed per sample for its per-sample augmentation (RandAugment), independent of its crop draws."""
-    with np.errstate(over="ignore"):
-        return (_splitmix64(sample_keys(seed, epoch, indices) ^ np.uint64(0xA5A5A5A5A5A5A5A5)) >> np.uint64(1)).astype(np.int64)
-
-
-def rrc_flip_params(seed: int, epoch: int, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray,
-                    scale: Tuple[float, float], ratio: Tuple[float, float] = RATIO) -> Tuple[np.ndarray, ...]:
-    """RandomResizedCrop windows and flips of samples ``indices`` of images ``heights x widths``.
-
-    Returns int64 arrays ``top, left, height, width`` and a bool array ``flip`` (probability 0.5), each ``[B]``.
-    """
-    u = sample_uniforms(seed, epoch, indices, _U_COUNT)
-    H = np.asarray(heights, dtype=np.int64)
-    W = np.asarray(widths, dtype=np.int64)
-    area = (H * W).astype(np.float64)[:, None]
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:2 * RRC_ATTEMPTS:2])
-    lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = np.exp(lo + (hi - lo) * u[:, 1:2 * RRC_ATTEMPTS:2])
-    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
-    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
-    ok = (w > 0) & (w <= W[:, None]) & (h > 0) & (h <= H[:, None])
-    first = ok.argmax(1)
-    found = ok.any(1)
-    rows = np.arange(H.size)
-    ch, cw = h[rows, first], w[rows, first]
-    top = np.minimum(np.floor(u[:, _U_TOP] * (H - ch + 1)).astype(np.int64), H - ch)
-    left = np.minimum(np.floor(u[:, _U_LEFT] * (W - cw + 1)).astype(np.int64), W - cw)
-    # fallback (no attempt fits): the center crop of the whole image clamped to the ratio range
-    in_ratio = W / H
-    fw = np.where(in_ratio < min(ratio), W, np.where(in_ratio > max(ratio), np.round(H * max(ratio)), W)).astype(np.int64)
-    fh = np.where(in_ratio < min(ratio), np.round(W / min(ratio)), H).astype(np.int64)
-    ch, cw = np.where(found, ch, fh), np.where(found, cw, fw)
-    top = np.where(found, top, (H - fh) // 2)
-    left = np.where(found, left, (W - fw) // 2)
-    return top, left, ch, cw, u[:, _U_FLIP] < 0.5
 
 
 # ---------------------------------------------------------------------------------------------------- decoding

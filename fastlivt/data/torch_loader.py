@@ -4,7 +4,8 @@ Needs nothing beyond torch and torchvision. Per batch of the sampler's plan (the
 backends): the encoded bytes are read by offset (:class:`~fastlivt.data.shards.ShardReader`), decoded in one
 ``torchvision.io.decode_jpeg(list, device=...)`` call, cropped and resized per sample with antialiased bicubic
 interpolation, mirrored, and normalised, all on the loader's device (:mod:`fastlivt.data.device_decode`). Every random
-choice is a function of (run.seed, epoch, sample index), so the batches do not depend on data.workers.
+choice is a function of (run.seed, epoch, position in the epoch) (:mod:`fastlivt.data.sample_rng`), so the batches
+do not depend on data.workers, the world size or a resume.
 
 Where the work runs (logged once per loader):
 
@@ -13,14 +14,12 @@ Where the work runs (logged once per loader):
   training step.
 * CPU: the same code on CPU tensors, run whole in the data.workers processes (in the background thread when 0).
 * finetune with ``data.auto_augment``: timm's RandAugment is a PIL policy with no device equivalent, so decoding, the
-  crop and RandAugment (seeded per sample from the same triple) run on the CPU in the workers; the batch is
-  normalised on the device. With data.workers = 0 this runs in the caller's thread (timm draws from Python's and
-  NumPy's global generators, which the training loop also uses).
+  crop and RandAugment (seeded per sample from the same triple, :func:`fastlivt.data.randaugment.seeded_rand_augment`)
+  run on the CPU in the workers (in the background thread when 0); the batch is normalised on the device.
 """
 from __future__ import annotations
 
 import queue
-import random
 import threading
 from typing import Iterator, List, Sequence, Tuple
 
@@ -31,45 +30,36 @@ from torch.utils.data import DataLoader, Dataset
 
 from fastlivt.data import device_decode as dd
 from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.randaugment import seeded_rand_augment
+from fastlivt.data.sample_rng import train_params
 from fastlivt.data.shards import ShardReader
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 
 class Augmenter:
-    """decoded uint8 ``[3,H,W]`` images of samples ``indices`` in ``epoch`` -> ``[B,3,S,S]`` with values 0..255
-    (uint8 on the CPU, float32 on CUDA; picklable)."""
+    """decoded uint8 ``[3,H,W]`` images of the samples at ``positions`` of ``epoch`` -> ``[B,3,S,S]`` with values
+    0..255 (uint8 on the CPU, float32 on CUDA; picklable)."""
 
     def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
                  rand_augment=None):
         self.stage, self.size, self.seed, self.rrc_scale = stage, size, seed, tuple(rrc_scale)
         self.eval_resize, self.rand_augment = eval_resize, rand_augment
 
-    def __call__(self, images: List[torch.Tensor], indices: np.ndarray, epoch: int) -> torch.Tensor:
+    def __call__(self, images: List[torch.Tensor], positions: np.ndarray, epoch: int) -> torch.Tensor:
         if self.stage == "eval":
             return dd.resize_center_crop(images, self.eval_resize, self.size)
         heights = np.array([im.shape[1] for im in images])
         widths = np.array([im.shape[2] for im in images])
-        top, left, h, w, flip = dd.rrc_flip_params(self.seed, epoch, indices, heights, widths, self.rrc_scale)
-        out = dd.crop_resize(images, top, left, h, w, flip, self.size)
+        p = train_params(self.seed, epoch, positions, heights, widths, self.rrc_scale)
+        top, left, h, w = p.windows.T
+        out = dd.crop_resize(images, top, left, h, w, p.flip, self.size)
         if self.rand_augment is not None:
-            for k, s in enumerate(dd.augment_seeds(self.seed, epoch, indices)):
-                out[k] = seeded_rand_augment(self.rand_augment, out[k], int(s))
+            for k, s in enumerate(p.aug_seed):
+                pil = Image.fromarray(out[k].permute(1, 2, 0).contiguous().numpy())
+                pil = seeded_rand_augment(self.rand_augment, pil, int(s))
+                out[k] = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
         return out
-
-
-def seeded_rand_augment(ra, image: torch.Tensor, seed: int) -> torch.Tensor:
-    """timm's ``ra`` on one uint8 CPU ``[3,H,W]`` image with Python's and NumPy's global generators seeded from
-    ``seed`` for the call and restored after it (timm draws its ops and magnitudes from them)."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    try:
-        pil = ra(Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()))
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-    return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
 
 
 class ShardBatches(Dataset):
@@ -78,7 +68,7 @@ class ShardBatches(Dataset):
 
     def __init__(self, reader: ShardReader, labels: np.ndarray, augment: Augmenter, decode_here: bool):
         self.reader, self.labels, self.augment, self.decode_here = reader, labels, augment, decode_here
-        self.batches: List[np.ndarray] = []
+        self.batches: List[Tuple[np.ndarray, np.ndarray]] = []  # (sample indices, their positions in the epoch)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -88,15 +78,15 @@ class ShardBatches(Dataset):
         return f"{self.reader.paths[int(self.reader.shard[i])]}: member {i:09d}.jpg (sample {i})"
 
     def __getitem__(self, k: int):
-        idx = self.batches[k]
+        idx, positions = self.batches[k]
         arrays = [self.reader[int(i)] for i in idx]
         names = [self.name(int(i)) for i in idx]
         labels = torch.from_numpy(self.labels[idx].astype(np.int64))
         if not self.decode_here:  # one buffer: a worker hands over one shared-memory block, not B of them
             sizes = torch.tensor([a.size for a in arrays], dtype=torch.int64)
-            return torch.from_numpy(np.concatenate(arrays)), sizes, names, torch.from_numpy(idx), labels
+            return torch.from_numpy(np.concatenate(arrays)), sizes, names, torch.from_numpy(positions), labels
         images = dd.decode_batch([torch.from_numpy(a) for a in arrays], names, torch.device("cpu"))
-        return self.augment(images, idx, self.epoch), labels
+        return self.augment(images, positions, self.epoch), labels
 
 
 class TorchLoader(EpochLoader):
@@ -129,9 +119,9 @@ class TorchLoader(EpochLoader):
     def _finish(self, item) -> Tuple[torch.Tensor, torch.Tensor]:
         """A DataLoader item -> (normalised images, labels) on the device (runs on the side stream on CUDA)."""
         if self.device_decode:
-            blob, sizes, names, idx, labels = item
+            blob, sizes, names, positions, labels = item
             images = dd.decode_batch(list(torch.split(blob, sizes.tolist())), names, self.device)
-            images = self.augment(images, idx.numpy(), self.dataset.epoch)
+            images = self.augment(images, positions.numpy(), self.dataset.epoch)
         else:
             images, labels = item
             images = images.to(self.device, non_blocking=True)
@@ -158,7 +148,9 @@ class TorchLoader(EpochLoader):
 
     # ------------------------------------------------------------------------------------------------ one epoch
     def _iterate(self, indices: np.ndarray) -> Iterator[Batch]:
-        self.dataset.batches = [indices[k:k + self.batch_size] for k in range(0, indices.size, self.batch_size)]
+        positions = self.positions(indices)
+        self.dataset.batches = [(indices[k:k + self.batch_size], positions[k:k + self.batch_size])
+                                for k in range(0, indices.size, self.batch_size)]
         self.dataset.epoch = self.epoch
         loader = DataLoader(self.dataset, batch_size=None, shuffle=False, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda" and not self.device_decode,
