@@ -13,8 +13,7 @@ sample's position in the epoch), as in every backend.
 """
 from __future__ import annotations
 
-import math
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import numpy as np
 import torch
