@@ -134,7 +134,7 @@ class LongTailLoss(nn.Module):
             return "torch", "softmax losses have no fused kernel"
         if self.fused == "torch":
             return "torch", "fused='torch' asked for"
-        from kernels.bal_bce import kernel_available  # imports triton
+        from kernels.launch import kernel_available  # imports triton
 
         ok, why = kernel_available(device)
         if ok:
@@ -159,7 +159,7 @@ class LongTailLoss(nn.Module):
 
     # ------------------------------------------------------------------------------------------- paths
     def _fused(self, logits: torch.Tensor, target: Target, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        from kernels.bal_bce import bal_bce
+        from kernels.bal_bce_op import bal_bce
 
         if isinstance(target, MixTarget):
             return bal_bce(logits, bias, label_a=target.label_a, label_b=target.label_b, lam=target.lam,

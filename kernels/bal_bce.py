@@ -167,10 +167,11 @@ def _bal_bce_kernel(
     if n_full < n_owned:  # the last, partial chunk; the predicate is constant over each G-vector (vector accesses)
         acc_lin, acc_log = _chunk(z_row, t_row, y_row, g_row, n_full + tl.arange(0, BLOCK), n_owned, acc_lin, acc_log,
                                   off, inv_n, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, True)
+    lin_sum = tl.sum(acc_lin, axis=0)  # label corrections go here before the log terms join (no absorption)
     if FAST:
-        row_loss = tl.sum(acc_lin, axis=0) + tl.sum(acc_log, axis=0) * 0.6931471805599453
+        log_sum = tl.sum(acc_log, axis=0) * 0.6931471805599453
     else:
-        row_loss = tl.sum(acc_lin, axis=0) + tl.sum(acc_log, axis=0)
+        log_sum = tl.sum(acc_log, axis=0)
     if not DENSE:
         # label fix-up: rows r and r + 1, labels a and b -> four candidates; those this program owns are rewritten
         cand = tl.arange(0, 4)
@@ -187,14 +188,17 @@ def _bal_bce_kernel(
         if HAS_BIAS:
             xl += tl.load(table_ptr + label, mask=own, other=0.0).to(ACC)
         yl = off + on_minus_off * (tl.where(label == la, lam, 0.0) + tl.where(label == lb, 1.0 - lam, 0.0)).to(ACC)
-        row_loss -= tl.sum(tl.where(own, on_minus_off * w_cand * xl, 0.0), axis=0)
+        lin_sum -= tl.sum(tl.where(own, on_minus_off * w_cand * xl, 0.0), axis=0)
         if WRITE_GRAD:
             small_l, _ = _terms(xl, FAST, ASM, ACC == tl.float64)
             gl = tl.where(xl >= 0, (1.0 - yl) - small_l, small_l - yl)
             tl.debug_barrier()  # the main loop's stores of these elements come first
             tl.store(g_row + pos, (gl * inv_n).to(grad_ptr.dtype.element_ty), mask=own)
+        row_loss = lin_sum + log_sum
         n_bad = tl.sum(tl.where((cand < 2) & ((label < 0) | (label >= C)), 1, 0), axis=0)  # this row's labels
         row_loss = tl.where(n_bad > 0, float("nan"), row_loss)
+    else:
+        row_loss = lin_sum + log_sum
     tl.store(part_ptr + row, row_loss * inv_n)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
