@@ -163,6 +163,24 @@ def analyse(sass: str, logits_per_thread_per_iter: int) -> Dict[str, object]:
 
 
 def sm90_figures(n: int, c: int, dtype: torch.dtype, **kw) -> Dict[str, object]:
-    """Launch facts and steady-state loop figures of the kernel for [N, C] ``dtype`` logits on sm_90."""
+    """Launch facts and steady-state loop figures of the kernel for [N, C] ``dtype`` logits on sm_90.
+
+    Under ``TRITON_INTERPRET=1`` kernels are interpreted functions that do not compile: then a child process without
+    it does the compilation."""
+    from kernels.launch import interpreter_enabled
+
+    if interpreter_enabled():
+        import json
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        code = ("import json, sys, torch; from kernels.sass import sm90_figures; a = json.loads(sys.argv[1]); "
+                "print(json.dumps(sm90_figures(a['n'], a['c'], getattr(torch, a['dtype']), **a['kw'])))")
+        spec = json.dumps({"n": n, "c": c, "dtype": str(dtype).replace("torch.", ""), "kw": kw})
+        out = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0:
+            raise RuntimeError(f"sm_90 compilation failed: {out.stderr.strip().splitlines()[-1:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
     cubin, facts = compile_sm90(n, c, dtype, **kw)
     return {**facts, **analyse(disassemble(cubin), int(facts["logits_per_thread_per_iter"]))}
