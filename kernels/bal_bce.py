@@ -100,7 +100,7 @@ def _terms(x, FAST: tl.constexpr, ASM: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
-def _chunk(z_row, t_row, y_row, g_row, rel, n_owned, acc_lin, acc_log, off, inv_n, HAS_BIAS: tl.constexpr,
+def _chunk(z_row, t_row, y_row, g_row, rel, n_owned, acc_lin, acc_log, off, g_scale, HAS_BIAS: tl.constexpr,
            DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr,
            MASKED: tl.constexpr):
     """One chunk of owned logits: accumulate the loss terms, store the gradient (y = off unless DENSE)."""
@@ -128,7 +128,7 @@ def _chunk(z_row, t_row, y_row, g_row, rel, n_owned, acc_lin, acc_log, off, inv_
         acc_lin += lin
         acc_log += lg
     if WRITE_GRAD:  # σ(x) − y without cancellation: σ(−|x|) directly, σ(x) = 1 − σ(−x) for x >= 0
-        g = (tl.where(x >= 0, (1.0 - y) - small, small - y) * inv_n).to(g_row.dtype.element_ty)
+        g = (tl.where(x >= 0, (1.0 - y) - small, small - y) * g_scale).to(g_row.dtype.element_ty)
         if MASKED:
             tl.store(g_row + rel, g, mask=m)
         else:
@@ -143,16 +143,21 @@ def _bal_bce_kernel(
     la_ptr, lb_ptr, lam, off, on_minus_off,  # compact target (if not DENSE)
     y_ptr,  # dense target, flat [N·C] (if DENSE)
     grad_ptr,  # out: gradient, flat [N·C], logits' dtype (written only if WRITE_GRAD)
+    scale_ptr,  # the gradient's scale: one value (read only if HAS_SCALE; a compiled graph's grad_output)
     part_ptr, count_ptr, loss_ptr,  # per-program partial sums [N], arrival counter [1] (int32, left at 0), loss [1]
     N, C,
-    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr,
-    ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     s = row.to(tl.int64) * C  # flat start of this row
     o0 = ((s + (G - 1)) // G) * G  # first owned vector: the first that starts in this row
     n_owned = ((((s + C) + (G - 1)) // G) * G - o0).to(tl.int32)  # a multiple of G, < C + G
     inv_n = 1.0 / tl.cast(N, ACC)
+    g_scale = inv_n  # the gradient's factor
+    if HAS_SCALE:
+        g_scale = inv_n * tl.load(scale_ptr).to(ACC)
     d = (o0 - s).to(tl.int32)  # this row's phase: element o0 + m is class (m + d) mod C
     z_row = z_ptr + o0
     g_row = grad_ptr + o0
@@ -163,10 +168,10 @@ def _bal_bce_kernel(
     n_full = (n_owned // BLOCK) * BLOCK
     for k in range(0, n_full, BLOCK):  # the steady state: whole chunks, no predicates
         acc_lin, acc_log = _chunk(z_row, t_row, y_row, g_row, k + tl.arange(0, BLOCK), n_owned, acc_lin, acc_log, off,
-                                  inv_n, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, False)
+                                  g_scale, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, False)
     if n_full < n_owned:  # the last, partial chunk; the predicate is constant over each G-vector (vector accesses)
         acc_lin, acc_log = _chunk(z_row, t_row, y_row, g_row, n_full + tl.arange(0, BLOCK), n_owned, acc_lin, acc_log,
-                                  off, inv_n, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, True)
+                                  off, g_scale, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, True)
     lin_sum = tl.sum(acc_lin, axis=0)  # label corrections go here before the log terms join (no absorption)
     if FAST:
         log_sum = tl.sum(acc_log, axis=0) * 0.6931471805599453
@@ -193,7 +198,7 @@ def _bal_bce_kernel(
             small_l, _ = _terms(xl, FAST, ASM, ACC == tl.float64)
             gl = tl.where(xl >= 0, (1.0 - yl) - small_l, small_l - yl)
             tl.debug_barrier()  # the main loop's stores of these elements come first
-            tl.store(g_row + pos, (gl * inv_n).to(grad_ptr.dtype.element_ty), mask=own)
+            tl.store(g_row + pos, (gl * g_scale).to(grad_ptr.dtype.element_ty), mask=own)
         row_loss = lin_sum + log_sum
         n_bad = tl.sum(tl.where((cand < 2) & ((label < 0) | (label >= C)), 1, 0), axis=0)  # this row's labels
         row_loss = tl.where(n_bad > 0, float("nan"), row_loss)
@@ -249,6 +254,7 @@ def bal_bce_forward(
     target: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
     write_grad: bool = True,
+    grad_scale: Optional[torch.Tensor] = None,
     fast: Optional[bool] = None,
     config: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -257,12 +263,13 @@ def bal_bce_forward(
     logits: [N, C] fp32/bf16/fp16/fp64. bias: τ-scaled logit bias [C] or None. Targets: either ``target`` (dense
     [N, C]) or ``label_a``/``label_b`` [N] with ``lam`` and ``smoothing`` (``label_b`` defaults to ``label_a``).
     ``grad_out``: optional contiguous [N, C] buffer of the logits' dtype for the gradient; ``write_grad=False`` skips
-    the gradient (returns None). ``fast``: the approximate-math path (None: on for bf16/fp16, see the module
-    docstring). ``config``: (BLOCK, num_warps) to override :func:`launch_config`. Returns the loss (fp32 scalar; fp64
-    for fp64 logits) and the gradient.
+    the gradient (returns None); ``grad_scale``: a one-element tensor the gradient is multiplied by (read on the
+    device). ``fast``: the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
+    (BLOCK, num_warps) to override :func:`launch_config`. Returns the loss (fp32 scalar; fp64 for fp64 logits) and
+    the gradient.
     """
     args, constexprs, grid, num_warps, keep = launch_args(logits, bias, label_a, label_b, lam, smoothing, target,
-                                                          grad_out, write_grad, fast, config, bias_table)
+                                                          grad_out, write_grad, grad_scale, fast, config, bias_table)
     record_launch("bal_bce")
     _bal_bce_kernel[grid](*args, **constexprs, num_warps=num_warps)
     return keep["loss"], keep["grad"]

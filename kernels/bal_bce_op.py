@@ -1,4 +1,4 @@
-"""The fused Bal-BCE loss as a differentiable function, and as the custom op ``fastlivt::bal_bce`` for compiled graphs.
+"""The fused Bal-BCE loss as a differentiable function, and as custom ops for compiled graphs.
 
 :func:`bal_bce` is what callers use. Eagerly it runs :class:`BalBCEFunction`: the forward launches the kernel once
 (loss and gradient), the first backward hands that gradient to autograd after :func:`kernels.bal_bce.scale_grad_`
@@ -6,10 +6,12 @@
 a second backward through a retained graph recomputes the gradient. The incoming gradient lives on the device, so
 knowing it is 1 without that tiny launch would cost a host synchronisation.
 
-Under ``torch.compile`` it calls the custom op ``torch.ops.fastlivt.bal_bce`` (``torch.library.custom_op``, with a
-fake implementation and autograd), so dynamo and CUDA graphs take the loss whole, without graph breaks; its backward is
-``saved_gradient * grad_output`` in ATen ops, which Inductor fuses. Where the kernel cannot run (CPU tensors without
-``TRITON_INTERPRET=1``) the op computes the same loss and gradient with PyTorch ops.
+Under ``torch.compile`` it calls the custom op ``torch.ops.fastlivt.bal_bce`` (``torch.library.custom_op``: the loss
+in one launch, fake implementation, autograd), so dynamo and CUDA graphs take the loss whole, without graph breaks.
+Its backward is the op ``torch.ops.fastlivt.bal_bce_grad``: the gradient recomputed in one launch, multiplied by
+grad_output on the device — functional (safe for retained graphs) and one read + one write of N × C, where saving the
+forward's gradient would cost a write in the forward and a read + write to scale it. Where the kernel cannot run (CPU
+tensors without ``TRITON_INTERPRET=1``) both ops compute the same values with PyTorch ops.
 """
 from __future__ import annotations
 
@@ -48,33 +50,46 @@ def torch_loss_and_grad(logits: Tensor, bias: Optional[Tensor], label_a: Optiona
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def bal_bce_op(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
-               target: Optional[Tensor], lam: float, smoothing: float, write_grad: bool,
-               fast: Optional[bool]) -> Tuple[Tensor, Tensor]:
-    """(loss, gradient) of the fused loss; the gradient is an empty tensor when ``write_grad`` is False."""
+               target: Optional[Tensor], lam: float, smoothing: float, fast: Optional[bool]) -> Tensor:
+    """The fused loss (a scalar; fp64 for fp64 logits), no gradient pass."""
     if kernel_available(logits.device)[0]:
-        loss, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                                     target=target, write_grad=write_grad, fast=fast)
-    else:
-        loss, grad = torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing)
-    return loss, grad if write_grad and grad is not None else logits.new_empty((0,))
+        return bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
+                               target=target, write_grad=False, fast=fast)[0]
+    return torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing)[0]
+
+
+@torch.library.custom_op(OP_NAME + "_grad", mutates_args=())
+def bal_bce_grad_op(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
+                    target: Optional[Tensor], lam: float, smoothing: float, fast: Optional[bool],
+                    grad_loss: Tensor) -> Tensor:
+    """∂loss/∂logits · grad_loss in the logits' dtype (grad_loss: one value, read on the device)."""
+    if kernel_available(logits.device)[0]:
+        return bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
+                               target=target, grad_scale=grad_loss.reshape(1), fast=fast)[1]
+    grad = torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing)[1]
+    return (grad.to(grad_loss.dtype) * grad_loss).to(logits.dtype)
 
 
 @bal_bce_op.register_fake
-def _bal_bce_fake(logits, bias, label_a, label_b, target, lam, smoothing, write_grad, fast):
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    grad = logits.new_empty(logits.shape) if write_grad else logits.new_empty((0,))
-    return logits.new_empty((), dtype=acc), grad
+def _bal_bce_fake(logits, bias, label_a, label_b, target, lam, smoothing, fast):
+    return logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+
+
+@bal_bce_grad_op.register_fake
+def _bal_bce_grad_fake(logits, bias, label_a, label_b, target, lam, smoothing, fast, grad_loss):
+    return logits.new_empty(logits.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
+    logits, bias, label_a, label_b, target, lam, smoothing, fast = inputs
+    ctx.save_for_backward(logits, bias, label_a, label_b, target)
+    ctx.args = (lam, smoothing, fast)
 
 
-def _backward(ctx, grad_loss: Tensor, _grad_of_grad: Tensor):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and ctx.needs_input_grad[0]:
-        raise RuntimeError(f"{OP_NAME}: called with write_grad=False, so it has no gradient to give back")
-    return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss: Tensor):
+    logits, bias, label_a, label_b, target = ctx.saved_tensors
+    grad = torch.ops.fastlivt.bal_bce_grad(logits, bias, label_a, label_b, target, *ctx.args, grad_loss)
+    return grad, None, None, None, None, None, None, None
 
 
 bal_bce_op.register_autograd(_backward, setup_context=_setup_context)
@@ -124,7 +139,5 @@ def bal_bce(
     for bf16/fp16 logits). ``config``: (BLOCK, num_warps), eager only.
     """
     if torch.compiler.is_compiling():
-        loss, _ = torch.ops.fastlivt.bal_bce(logits, bias, label_a, label_b, target, float(lam), float(smoothing),
-                                             logits.requires_grad, fast)
-        return loss
+        return torch.ops.fastlivt.bal_bce(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast)
     return BalBCEFunction.apply(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast, config)

@@ -121,7 +121,8 @@ def check_inputs(logits: torch.Tensor, bias, label_a, label_b, target) -> None:
 
 
 def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smoothing: float, target, grad_out,
-                write_grad: bool, fast: Optional[bool], config: Optional[Tuple[int, int]],
+                write_grad: bool, grad_scale: Optional[torch.Tensor], fast: Optional[bool],
+                config: Optional[Tuple[int, int]],
                 bias_table: Callable[[torch.Tensor, int, int], Tuple[torch.Tensor, int]]):
     """(positional args, constexprs, grid, num_warps, {"loss", "grad"}) of one launch of ``_bal_bce_kernel``."""
     if target is None and label_b is None:
@@ -156,9 +157,13 @@ def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smooth
             label_a if not dense else logits, label_b if not dense else logits, float(lam), off, on - off,
             target if dense else logits,
             grad if grad is not None else logits,
+            grad_scale if grad_scale is not None else part,
             part, counter_for(logits.device), loss,
             n, c)
-    constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None, FAST=fast, ASM=use_asm(fast),
+    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != logits.device):
+        raise ValueError(f"fused Bal-BCE kernel: grad_scale must be one value on {logits.device}")
+    constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None,
+                      HAS_SCALE=grad_scale is not None, FAST=fast, ASM=use_asm(fast),
                       ACC=ACC_TL[logits.dtype], G=g, BLOCK=block, RBLOCK=min(1024, triton.next_power_of_2(n)))
     return args, constexprs, (n,), num_warps, {"loss": loss, "grad": grad}
 

@@ -1,6 +1,6 @@
-"""The fused loss as the torch.library custom op ``fastlivt::bal_bce``: registration checks, fake tensors,
-autograd, and torch.compile(fullgraph=True) without graph breaks — with the kernel (interpreter) and with the op's
-PyTorch path (TRITON_INTERPRET off)."""
+"""The fused loss as the torch.library custom ops ``fastlivt::bal_bce`` (loss, with autograd) and
+``fastlivt::bal_bce_grad`` (its backward): registration checks, fake tensors, and torch.compile(fullgraph=True)
+without graph breaks — with the kernel (interpreter) and with the ops' PyTorch path (TRITON_INTERPRET off)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,7 @@ needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITO
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
@@ -29,23 +29,26 @@ def loss_fn(z, bias, la, lb):
     return bal_bce(z, bias, label_a=la, label_b=lb, lam=0.3, smoothing=0.1)
 
 
-def test_op_is_registered_with_fake_and_autograd():
+def test_ops_are_registered_with_fake_implementations():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    op = torch.ops.fastlivt.bal_bce.default
     with FakeTensorMode():
         z = torch.empty(8, 5, dtype=torch.bfloat16)
-        loss, grad = op(z, torch.empty(5), torch.zeros(8, dtype=torch.long), None, None, 0.5, 0.1, True, None)
-        assert loss.shape == () and loss.dtype == torch.float32 and grad.shape == (8, 5) and grad.dtype == torch.bfloat16
-        _, no_grad = op(z, None, torch.zeros(8, dtype=torch.long), None, None, 1.0, 0.0, False, None)
-        assert no_grad.numel() == 0
+        labels = torch.zeros(8, dtype=torch.long)
+        loss = torch.ops.fastlivt.bal_bce(z, torch.empty(5), labels, None, None, 0.5, 0.1, None)
+        assert loss.shape == () and loss.dtype == torch.float32
+        grad = torch.ops.fastlivt.bal_bce_grad(z, None, labels, labels, None, 1.0, 0.0, None, torch.ones(()))
+        assert grad.shape == (8, 5) and grad.dtype == torch.bfloat16
+        assert torch.ops.fastlivt.bal_bce(z.double(), None, labels, None, None, 1.0, 0.0, None).dtype == torch.float64
 
 
 @needs_kernel
 def test_opcheck_passes():
     z, bias, la, lb = make(3, 9)
     torch.library.opcheck(torch.ops.fastlivt.bal_bce.default, (z.requires_grad_(True), bias, la, lb, None, 0.3, 0.1,
-                                                               True, None))
+                                                               None))
+    torch.library.opcheck(torch.ops.fastlivt.bal_bce_grad.default, (z.detach(), bias, la, lb, None, 0.3, 0.1, None,
+                                                                    torch.tensor(2.0)))
 
 
 @needs_kernel
@@ -69,16 +72,16 @@ def test_op_pytorch_path_without_triton_compiles_without_breaks(monkeypatch):
     z, bias, la, lb = make(5, 11, seed=2)
 
     def fn(x):
-        loss, _ = torch.ops.fastlivt.bal_bce(x, bias, la, lb, None, 0.3, 0.1, x.requires_grad, None)
-        return loss
+        return torch.ops.fastlivt.bal_bce(x, bias, la, lb, None, 0.3, 0.1, None)
 
     explained = torch._dynamo.explain(fn)(z.clone().requires_grad_(True))
     assert explained.graph_break_count == 0
     zc = z.clone().requires_grad_(True)
     loss = torch.compile(fn, fullgraph=True, backend="aot_eager")(zc)
-    loss.backward()
+    loss.backward(torch.tensor(0.5))
+    ref_grad_scale = 0.5
     ref_loss, ref_grad = bal_bce_reference(z, bias, soft_target(la, lb, 0.3, 0.1, 11))
-    assert rel(loss, ref_loss) <= 1e-6 and rel(zc.grad, ref_grad) <= 1e-6
+    assert rel(loss, ref_loss) <= 1e-6 and rel(zc.grad, ref_grad_scale * ref_grad) <= 1e-6
 
 
 def test_pytorch_path_matches_reference_for_dense_and_hard_targets():
@@ -88,3 +91,14 @@ def test_pytorch_path_matches_reference_for_dense_and_hard_targets():
         loss, grad = torch_loss_and_grad(z, bias, *kw, 1.0, 0.2)
         ref_loss, ref_grad = bal_bce_reference(z, bias, y)
         assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_inductor_fullgraph_takes_the_ops_whole():
+    z, bias, la, lb = make(3, 21, seed=5)
+    torch._dynamo.reset()
+    zc = z.clone().requires_grad_(True)
+    loss = torch.compile(loss_fn, fullgraph=True)(zc, bias, la, lb)  # Inductor: the ops stay opaque calls
+    loss.backward()
+    ref_loss, ref_grad = bal_bce_reference(z, bias, soft_target(la, lb, 0.3, 0.1, 21))
+    assert rel(loss, ref_loss) <= 1e-6 and rel(zc.grad, ref_grad) <= 1e-6

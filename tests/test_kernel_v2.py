@@ -180,3 +180,13 @@ def test_bad_label_in_one_row_makes_only_the_loss_nan_and_writes_no_other_row():
     good = torch.tensor([0, 2, 3])
     _, ref_grad = bal_bce_reference(logits[good], bias, soft_target(la[good], lb[good], 0.5, 0.0, 10))
     assert rel(grad[good] * 4 / 3, ref_grad) <= 1e-6  # rows 0, 2, 3 untouched by the bad label (1/N differs)
+
+
+@needs_kernel
+def test_grad_scale_is_read_on_the_device():
+    logits, bias, la, lb = make(4, 50, torch.float32, seed=7)
+    _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.25, 0.05, 50))
+    for scale in (-2.5, 0.0, 1.0):
+        _, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.25, smoothing=0.05,
+                                  grad_scale=torch.tensor([scale]), config=(16, 1))
+        assert torch.allclose(grad.double(), scale * ref_grad, rtol=1e-6, atol=1e-12), scale
