@@ -20,16 +20,17 @@ The main loop treats every element as y = off (no label compares); afterwards ea
 label elements it owns (rewrites their gradient, subtracts (on − off)·w·x from the loss), as Liger-Kernel and
 flash-attention do for the label logit. A dense-target variant reads y instead.
 
-The scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
+The gradient is written only when asked (``write_grad``), optionally multiplied by a one-element device tensor
+(``grad_scale``: a compiled backward's grad_output, read on the device). The scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
 program adds the partials in a fixed order (deterministic) and resets the counter (ATen's last-block reduction). A label
 outside [0, C) makes the loss NaN (a host check would synchronise).
 
 Accuracy. ``fast=False`` (fp32/fp64 logits by default): relative errors ≈ 1e-7 (fp32) against float64. ``fast=True``
 (the default for bf16/fp16 logits on CUDA): exp2, log2 and reciprocal use the hardware approximations ex2.approx.ftz,
 lg2.approx.ftz and rcp.approx.ftz (PTX ISA: relative error ≤ 2^-22 for ex2/rcp, absolute ≤ 2^-22 for lg2 on [1, 2]) and
-log1p(e) is computed as log2(1 + e)·ln 2. Bound: each gradient element within 2^-20 of σ(x) − y (far below the 2^-8 /
-2^-11 rounding of the bf16 / fp16 gradient it is stored in), the loss within C·2^-21 absolute (per sample) plus fp32
-summation rounding. The interpreter cannot run inline assembly: there ``fast`` uses the same formulas with precise
+log1p(e) is computed as log2(1 + e)·ln 2. Bound: each gradient element within 2^-20/N of (σ(x) − y)/N before it is
+rounded to the logits' dtype (far below the 2^-8 / 2^-11 rounding of a bf16 / fp16 gradient), the loss within C·2^-21
+absolute (per sample) plus fp32 summation rounding. The interpreter cannot run inline assembly: there ``fast`` uses the same formulas with precise
 exp2/log2/division (:func:`use_asm` says which), and the tests check the bound in fp32, bf16 and fp16 that way.
 """
 from __future__ import annotations
