@@ -228,19 +228,24 @@ def _scale_unless_one(g_ptr, s_ptr, numel, ACC: tl.constexpr, BLOCK: tl.constexp
         tl.store(g_ptr + offs, (g * s).to(g_ptr.dtype.element_ty), mask=m)
 
 
-_TABLES: Dict[tuple, torch.Tensor] = {}
+_TABLES: Dict[tuple, Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 
 def bias_table(bias: torch.Tensor, c: int, g: int) -> Tuple[torch.Tensor, int]:
-    """([G, L] fp32 table with table[d, m] = bias[(m + d) mod C], L) — built once per bias tensor (and version)."""
+    """([G, L] fp32 table with table[d, m] = bias[(m + d) mod C], L) — built once per bias tensor and version.
+
+    The cache holds the bias tensor itself (so its identity cannot be reused while cached) and its version counter
+    (an in-place change rebuilds the table); at most 16 entries."""
     length = ((c + g + 15) // 16) * 16  # ≥ the longest owned range; a multiple of 16 (aligned rows)
-    key = (bias.data_ptr(), bias._version, bias.device, bias.dtype, c, g)
-    table = _TABLES.get(key)
-    if table is None:
-        if len(_TABLES) >= 16:
-            _TABLES.clear()
-        idx = (torch.arange(g, device=bias.device)[:, None] + torch.arange(length, device=bias.device)[None, :]) % c
-        table = _TABLES[key] = bias.detach().float()[idx].contiguous()
+    key = (id(bias), c, g)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is bias and hit[1] == bias._version:
+        return hit[2], length
+    if len(_TABLES) >= 16:
+        _TABLES.clear()
+    idx = (torch.arange(g, device=bias.device)[:, None] + torch.arange(length, device=bias.device)[None, :]) % c
+    table = bias.detach().float()[idx].contiguous()
+    _TABLES[key] = (bias, bias._version, table)
     return table, length
 
 

@@ -190,3 +190,16 @@ def test_grad_scale_is_read_on_the_device():
         _, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.25, smoothing=0.05,
                                   grad_scale=torch.tensor([scale]), config=(16, 1))
         assert torch.allclose(grad.double(), scale * ref_grad, rtol=1e-6, atol=1e-12), scale
+
+
+@needs_kernel
+def test_bias_table_follows_in_place_changes_and_new_tensors():
+    logits, bias, la, lb = make(3, 20, torch.float32, seed=8)
+    loss1, _ = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.5)
+    bias.add_(1.0)  # in place: same tensor, new version
+    loss2, grad2 = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.5)
+    ref_loss2, ref_grad2 = bal_bce_reference(logits, bias, soft_target(la, lb, 0.5, 0.0, 20))
+    assert not torch.equal(loss1, loss2) and rel(loss2, ref_loss2) <= 1e-6 and rel(grad2, ref_grad2) <= 1e-6
+    other = bias - 2.0  # a different tensor
+    loss3, _ = bal_bce_forward(logits, other, label_a=la, label_b=lb, lam=0.5)
+    assert rel(loss3, bal_bce_reference(logits, other, soft_target(la, lb, 0.5, 0.0, 20))[0]) <= 1e-6
