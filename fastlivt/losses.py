@@ -208,7 +208,8 @@ class LongTailLoss(nn.Module):
             if lab.shape != (n,) or lab.is_floating_point():
                 raise ValueError(f"loss {self.name}: labels must be an integer tensor of shape ({n},), got "
                                  f"{lab.dtype} {tuple(lab.shape)}")
-            if lab.device.type == "cpu":  # free here; on CUDA it would synchronise (the kernel makes such rows NaN)
+            if lab.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; on CUDA (or traced) it
+                # would synchronise or break the graph (the kernel makes such rows NaN)
                 lo, hi = int(lab.min()), int(lab.max())
                 if lo < 0 or hi >= self.num_classes:
                     raise ValueError(f"loss {self.name}: label {lo if lo < 0 else hi} outside [0, {self.num_classes})")
