@@ -42,17 +42,23 @@ def _specialize(value) -> Tuple[str, Optional[str]]:
 
         kind, key = native_specialize_impl(BaseBackend, arg, False, True, True)[:2]
         return kind, key
-    except ImportError:  # older triton: the same rules, written out
-        if isinstance(value, torch.Tensor):
-            return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
-                          torch.int64: "i64", torch.int32: "i32"}[value.dtype], "D"
-        if isinstance(value, bool):
-            return "u1", None
-        if isinstance(value, int):
-            if value == 1:
-                return "constexpr", None
-            return ("i32" if -2**31 <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
-        return "fp32", None
+    except (ImportError, TypeError, AttributeError):  # another triton version: the same rules, written out
+        return specialize_written_out(value)
+
+
+def specialize_written_out(value) -> Tuple[str, Optional[str]]:
+    """Triton's launch specialisation rules: pointers 16-aligned ("D"), integers equal to 1 constant, integers
+    divisible by 16 marked ("D"), i32 unless out of range, Python floats fp32."""
+    if isinstance(value, torch.Tensor):
+        return "*" + {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+                      torch.int64: "i64", torch.int32: "i32"}[value.dtype], "D"
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), ("D" if value % 16 == 0 else "")
+    return "fp32", None
 
 
 def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, fast: Optional[bool] = None,

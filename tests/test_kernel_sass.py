@@ -44,3 +44,11 @@ def test_layout_and_math_change_what_the_reader_sees():
     assert precise["instructions_per_logit"] > fast["instructions_per_logit"]  # libdevice exp, polynomial, divisions
     scalar = sm90_figures(3, 8141, torch.bfloat16)  # 24,423 logits: odd, so vectors of one element
     assert scalar["vector"] == 1 and scalar["logit_load_bits"] == 16 and scalar["grad_store_bits"] == 16
+
+
+def test_written_out_specialisation_rules_agree_with_triton():
+    from kernels.sass import _specialize, specialize_written_out
+
+    for value in (torch.empty(2, dtype=torch.bfloat16), torch.empty(2, dtype=torch.int64), 1, 16, 8160, 17, 2**33,
+                  0.5, True):
+        assert specialize_written_out(value) == tuple(_specialize(value)), value
