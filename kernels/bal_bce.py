@@ -9,7 +9,8 @@ For logits z [N, C], a per-class logit bias b [C] (already multiplied by τ) and
 Layout (flat): the N·C logits are one flat array cut into vectors of G = 8 elements (fewer when N·C or C is not a
 multiple of 8). Row r's program owns the vectors that *start* in row r, so every element has exactly one owner, the
 loads and stores are whole aligned vectors (128-bit for 8 bf16) although a row of 8,142 bf16 is not 16-byte aligned, and
-a program touches at most rows r and r + 1. The bias comes from a small table ``bias_table[d, m] = b[(m + d) mod C]``
+a program touches at most rows r and r + 1. (Under the interpreter, which runs programs one by one, a program takes
+several consecutive rows the same way.) The bias comes from a small table ``bias_table[d, m] = b[(m + d) mod C]``
 (d = the row's phase within a vector), so it is read with aligned vector loads too.
 
 Targets in the compact mixup form (label_a, label_b, λ, smoothing; timm's ``mixup_target``)::
@@ -149,12 +150,14 @@ def _bal_bce_kernel(
     N, C,
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
     FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr, ROWS: tl.constexpr, CAND: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    s = row.to(tl.int64) * C  # flat start of this row
-    o0 = ((s + (G - 1)) // G) * G  # first owned vector: the first that starts in this row
-    n_owned = ((((s + C) + (G - 1)) // G) * G - o0).to(tl.int32)  # a multiple of G, < C + G
+    pid = tl.program_id(0)
+    row = pid * ROWS  # this program's rows: [row, row + ROWS) (ROWS = 1 on a GPU; many in the interpreter)
+    s = row.to(tl.int64) * C  # flat start of the first row
+    o0 = ((s + (G - 1)) // G) * G  # first owned vector: the first that starts in these rows
+    e = tl.minimum(row + ROWS, N).to(tl.int64) * C
+    n_owned = (((e + (G - 1)) // G) * G - o0).to(tl.int32)  # a multiple of G, < ROWS·C + G
     inv_n = 1.0 / tl.cast(N, ACC)
     g_scale = inv_n  # the gradient's factor
     if HAS_SCALE:
@@ -179,10 +182,10 @@ def _bal_bce_kernel(
     else:
         log_sum = tl.sum(acc_log, axis=0)
     if not DENSE:
-        # label fix-up: rows r and r + 1, labels a and b -> four candidates; those this program owns are rewritten
-        cand = tl.arange(0, 4)
+        # label fix-up: rows row .. row + ROWS, labels a and b -> candidates; those this program owns are rewritten
+        cand = tl.arange(0, CAND)
         crow = row + cand // 2
-        row_ok = crow < N
+        row_ok = (crow < N) & (cand < 2 * (ROWS + 1))
         la = tl.load(la_ptr + crow, mask=row_ok, other=0).to(tl.int32)
         lb = tl.load(lb_ptr + crow, mask=row_ok, other=0).to(tl.int32)
         label = tl.where(cand % 2 == 0, la, lb)
@@ -201,18 +204,20 @@ def _bal_bce_kernel(
             tl.debug_barrier()  # the main loop's stores of these elements come first
             tl.store(g_row + pos, (gl * g_scale).to(grad_ptr.dtype.element_ty), mask=own)
         row_loss = lin_sum + log_sum
-        n_bad = tl.sum(tl.where((cand < 2) & ((label < 0) | (label >= C)), 1, 0), axis=0)  # this row's labels
+        mine = row_ok & (cand < 2 * ROWS)  # labels of this program's own rows
+        n_bad = tl.sum(tl.where(mine & ((label < 0) | (label >= C)), 1, 0), axis=0)
         row_loss = tl.where(n_bad > 0, float("nan"), row_loss)
     else:
         row_loss = lin_sum + log_sum
-    tl.store(part_ptr + row, row_loss * inv_n)
+    tl.store(part_ptr + pid, row_loss * inv_n)
     tl.debug_barrier()
     arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
-    if arrived == N - 1:  # the last program: add the partials in a fixed order, leave the counter at 0
+    n_prog = tl.num_programs(0)
+    if arrived == n_prog - 1:  # the last program: add the partials in a fixed order, leave the counter at 0
         offs = tl.arange(0, RBLOCK)
         total = tl.zeros([RBLOCK], ACC)
-        for p0 in range(0, N, RBLOCK):
-            total += tl.load(part_ptr + p0 + offs, mask=p0 + offs < N, other=0.0, cache_modifier=".cg")
+        for p0 in range(0, n_prog, RBLOCK):
+            total += tl.load(part_ptr + p0 + offs, mask=p0 + offs < n_prog, other=0.0, cache_modifier=".cg")
         tl.store(loss_ptr, tl.sum(total, axis=0))
         tl.atomic_xchg(count_ptr, 0)
 
@@ -231,13 +236,13 @@ def _scale_unless_one(g_ptr, s_ptr, numel, ACC: tl.constexpr, BLOCK: tl.constexp
 _TABLES: Dict[tuple, Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 
-def bias_table(bias: torch.Tensor, c: int, g: int) -> Tuple[torch.Tensor, int]:
-    """([G, L] fp32 table with table[d, m] = bias[(m + d) mod C], L) — built once per bias tensor and version.
+def bias_table(bias: torch.Tensor, c: int, g: int, rows: int = 1) -> Tuple[torch.Tensor, int]:
+    """([G, L] fp32 table with table[d, m] = bias[(m + d) mod C], L ≥ rows·C + G) — once per bias tensor and version.
 
     The cache holds the bias tensor itself (so its identity cannot be reused while cached) and its version counter
     (an in-place change rebuilds the table); at most 16 entries."""
-    length = ((c + g + 15) // 16) * 16  # ≥ the longest owned range; a multiple of 16 (aligned rows)
-    key = (id(bias), c, g)
+    length = ((rows * c + g + 15) // 16) * 16  # ≥ the longest owned range; a multiple of 16 (aligned rows)
+    key = (id(bias), c, g, rows)
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is bias and hit[1] == bias._version:
         return hit[2], length
@@ -263,6 +268,7 @@ def bal_bce_forward(
     grad_scale: Optional[torch.Tensor] = None,
     fast: Optional[bool] = None,
     config: Optional[Tuple[int, int]] = None,
+    rows: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One kernel launch: (loss, ∂loss/∂logits) without autograd.
 
@@ -271,11 +277,13 @@ def bal_bce_forward(
     ``grad_out``: optional contiguous [N, C] buffer of the logits' dtype for the gradient; ``write_grad=False`` skips
     the gradient (returns None); ``grad_scale``: a one-element tensor the gradient is multiplied by (read on the
     device). ``fast``: the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
-    (BLOCK, num_warps) to override :func:`launch_config`. Returns the loss (fp32 scalar; fp64 for fp64 logits) and
+    (BLOCK, num_warps) to override :func:`launch_config`; ``rows``: rows per program (default
+    :func:`~kernels.launch.rows_per_program`). Returns the loss (fp32 scalar; fp64 for fp64 logits) and
     the gradient.
     """
     args, constexprs, grid, num_warps, keep = launch_args(logits, bias, label_a, label_b, lam, smoothing, target,
-                                                          grad_out, write_grad, grad_scale, fast, config, bias_table)
+                                                          grad_out, write_grad, grad_scale, fast, config, bias_table,
+                                                          rows)
     record_launch("bal_bce")
     _bal_bce_kernel[grid](*args, **constexprs, num_warps=num_warps)
     return keep["loss"], keep["grad"]

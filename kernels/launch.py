@@ -56,16 +56,24 @@ def vector_width(n: int, c: int) -> int:
     return g
 
 
+def rows_per_program(n: int, c: int, interpret: Optional[bool] = None) -> int:
+    """Rows per program: 1 on a GPU; under the interpreter (programs run one after another in Python) enough rows
+    for about 16,384 logits per program."""
+    interpret = interpreter_enabled() if interpret is None else interpret
+    return max(1, min(n, 16384 // c)) if interpret else 1
+
+
 def launch_config(n: int, c: int, interpret: Optional[bool] = None) -> Tuple[int, int]:
-    """(BLOCK, num_warps): one program per row walks its ~C owned logits in chunks of BLOCK.
+    """(BLOCK, num_warps): each program walks its ~C owned logits (ROWS·C in the interpreter) in chunks of BLOCK.
 
     GPU: chunks of up to 2,048 logits and 4 warps (16 logits, two 128-bit bf16 vectors per thread and iteration), fewer
-    warps for short rows. The interpreter runs programs one after another in Python, so it takes one chunk per row.
+    warps for short rows. The interpreter takes one chunk per program.
     """
     interpret = interpreter_enabled() if interpret is None else interpret
     need = triton.next_power_of_2(c + vector_width(n, c))
     if interpret:
-        return min(need, 1 << 15), 4
+        rows = rows_per_program(n, c, interpret)
+        return min(triton.next_power_of_2(rows * c + vector_width(n, c)), 1 << 15), 4
     block = max(256, min(need, 2048))
     return block, max(1, min(4, block // 512))
 
@@ -123,7 +131,7 @@ def check_inputs(logits: torch.Tensor, bias, label_a, label_b, target) -> None:
 def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smoothing: float, target, grad_out,
                 write_grad: bool, grad_scale: Optional[torch.Tensor], fast: Optional[bool],
                 config: Optional[Tuple[int, int]],
-                bias_table: Callable[[torch.Tensor, int, int], Tuple[torch.Tensor, int]]):
+                bias_table: Callable[[torch.Tensor, int, int, int], Tuple[torch.Tensor, int]], rows: Optional[int] = None):
     """(positional args, constexprs, grid, num_warps, {"loss", "grad"}) of one launch of ``_bal_bce_kernel``."""
     if target is None and label_b is None:
         label_b = label_a  # hard labels
@@ -145,13 +153,17 @@ def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smooth
     dense = target is not None
     if dense:
         target = target.contiguous()
-    table, length = bias_table(bias, c, g) if bias is not None else (logits, 16)
+    rows = rows_per_program(n, c) if rows is None else int(rows)
+    if rows < 1:
+        raise ValueError(f"fused Bal-BCE kernel: rows per program must be >= 1, got {rows}")
+    programs = triton.cdiv(n, rows)
+    table, length = bias_table(bias, c, g, rows) if bias is not None else (logits, 16)
     off = smoothing / c
     on = 1.0 - smoothing + off
     block, num_warps = config or launch_config(n, c)
     if block < g:
         raise ValueError(f"fused Bal-BCE kernel: BLOCK={block} is below the vector width {g}")
-    part = torch.empty(n, dtype=acc, device=logits.device)
+    part = torch.empty(programs, dtype=acc, device=logits.device)
     loss = torch.empty((), dtype=acc, device=logits.device)
     args = (logits, table, length,
             label_a if not dense else logits, label_b if not dense else logits, float(lam), off, on - off,
@@ -164,8 +176,9 @@ def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smooth
         raise ValueError(f"fused Bal-BCE kernel: grad_scale must be one value on {logits.device}")
     constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None,
                       HAS_SCALE=grad_scale is not None, FAST=fast, ASM=use_asm(fast),
-                      ACC=ACC_TL[logits.dtype], G=g, BLOCK=block, RBLOCK=min(1024, triton.next_power_of_2(n)))
-    return args, constexprs, (n,), num_warps, {"loss": loss, "grad": grad}
+                      ACC=ACC_TL[logits.dtype], G=g, BLOCK=block, RBLOCK=min(1024, triton.next_power_of_2(programs)),
+                      ROWS=rows, CAND=triton.next_power_of_2(2 * (rows + 1)))
+    return args, constexprs, (programs,), num_warps, {"loss": loss, "grad": grad}
 
 
 _COUNT_SNIPPET = """

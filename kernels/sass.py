@@ -77,8 +77,8 @@ def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, 
     labels = torch.empty(n, dtype=torch.int64, device=meta)
     config = config or launch_config(n, c, interpret=False)
 
-    def meta_table(b: torch.Tensor, cc: int, g: int) -> Tuple[torch.Tensor, int]:
-        length = ((cc + g + 15) // 16) * 16
+    def meta_table(b: torch.Tensor, cc: int, g: int, rows: int) -> Tuple[torch.Tensor, int]:
+        length = ((rows * cc + g + 15) // 16) * 16
         return torch.empty(g, length, dtype=torch.float32, device=meta), length
 
     import kernels.launch as launch
@@ -88,7 +88,7 @@ def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, 
     launch.counter_for = lambda device: torch.empty(1, dtype=torch.int32, device=meta)
     try:
         args, constexprs, _, num_warps, _ = launch_args(logits, bias, labels, None if hard_labels else labels, 0.7, 0.1,
-                                                        None, None, write_grad, None, fast, config, meta_table)
+                                                        None, None, write_grad, None, fast, config, meta_table, 1)
     finally:
         launch.check_inputs, launch.counter_for = saved_check, saved_counter
     constexprs = dict(constexprs, ASM=use_asm(constexprs["FAST"], interpret=False))

@@ -2,6 +2,7 @@
 (CPU: Triton interpreter; the float64 reference of kernels/reference.py is the yardstick)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -101,9 +102,10 @@ def test_cuda_forward_is_one_device_kernel():
 
 @needs_kernel
 @pytest.mark.parametrize("n,c", [(8, 13), (5, 12), (9, 7), (7, 5), (4, 3), (6, 130)])
-@pytest.mark.parametrize("config", [None, (16, 1)])
-def test_labels_at_row_and_vector_boundaries_are_fixed_up(n, c, config):
-    # the first and last class of each row sit in vectors owned by the previous row's program
+@pytest.mark.parametrize("config,rows", [(None, None), ((16, 1), 1), ((16, 1), 3)])
+def test_labels_at_row_and_vector_boundaries_are_fixed_up(n, c, config, rows):
+    # the first and last class of each row sit in vectors owned by the previous row's program (rows=1: the GPU's
+    # one row per program; rows=3 and the interpreter's default: several rows per program)
     if config is not None and config[0] < vector_width(n, c):
         pytest.skip("block below the vector width")
     logits, bias, _, _ = make(n, c, torch.float32, seed=c)
@@ -112,7 +114,7 @@ def test_labels_at_row_and_vector_boundaries_are_fixed_up(n, c, config):
     for lam, s in [(0.3, 0.1), (1.0, 0.0), (0.5, 0.0)]:
         poisoned = torch.full((n, c), float("nan"))
         loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=lam, smoothing=s, grad_out=poisoned,
-                                     config=config)
+                                     config=config, rows=rows)
         ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, lam, s, c))
         assert torch.isfinite(grad).all()
         assert rel(loss, ref_loss) <= 1e-6 and rel(grad, ref_grad) <= 1e-6, (lam, s)
@@ -121,14 +123,14 @@ def test_labels_at_row_and_vector_boundaries_are_fixed_up(n, c, config):
 @needs_kernel
 def test_unaligned_rows_every_vector_width_and_multi_chunk_rows():
     # G = 8, 4, 2, 1, each with chunks shorter than a row (the unpredicated loop) and a partial last chunk
-    for n, c in [(16, 150), (4, 150), (2, 150), (3, 151)]:
+    for (n, c), rows in itertools.product([(16, 150), (4, 150), (2, 150), (3, 151)], [1, 2, None]):
         logits, bias, la, lb = make(n, c, torch.bfloat16, seed=n + c)
         poisoned = torch.full((n, c), float("nan"), dtype=torch.bfloat16)
         loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.6, smoothing=0.1, grad_out=poisoned,
-                                     config=(32, 1))
+                                     config=(32, 1), rows=rows)
         ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.6, 0.1, c))
-        assert torch.isfinite(grad).all(), (n, c)
-        assert rel(loss, ref_loss) <= 1e-2 and rel(grad, ref_grad) <= 1e-2, (n, c)
+        assert torch.isfinite(grad).all(), (n, c, rows)
+        assert rel(loss, ref_loss) <= 1e-2 and rel(grad, ref_grad) <= 1e-2, (n, c, rows)
 
 
 @needs_kernel
@@ -175,11 +177,12 @@ def test_no_gradient_pass_without_requires_grad():
 def test_bad_label_in_one_row_makes_only_the_loss_nan_and_writes_no_other_row():
     logits, bias, la, lb = make(4, 10, torch.float32, seed=6)
     la[1] = 12  # would point into row 2 if it were used as a position
-    loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.5)
-    assert math.isnan(loss.item())
     good = torch.tensor([0, 2, 3])
     _, ref_grad = bal_bce_reference(logits[good], bias, soft_target(la[good], lb[good], 0.5, 0.0, 10))
-    assert rel(grad[good] * 4 / 3, ref_grad) <= 1e-6  # rows 0, 2, 3 untouched by the bad label (1/N differs)
+    for rows in (1, 2, None):
+        loss, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.5, rows=rows)
+        assert math.isnan(loss.item())
+        assert rel(grad[good] * 4 / 3, ref_grad) <= 1e-6  # rows 0, 2, 3 untouched by the bad label (1/N differs)
 
 
 @needs_kernel
