@@ -150,7 +150,7 @@ def _bal_bce_kernel(
     N, C,
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
     FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr, ROWS: tl.constexpr, CAND: tl.constexpr,
+    RBLOCK: tl.constexpr, ROWS: tl.constexpr, CAND: tl.constexpr, LACC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = pid * ROWS  # this program's rows: [row, row + ROWS) (ROWS = 1 on a GPU; many in the interpreter)
@@ -167,7 +167,7 @@ def _bal_bce_kernel(
     g_row = grad_ptr + o0
     t_row = table_ptr + d * L
     y_row = y_ptr + o0
-    acc_lin = tl.zeros([BLOCK], ACC)  # Σ max(x, 0) − x·y   (y = off in the compact form; label terms fixed up below)
+    acc_lin = tl.zeros([BLOCK], LACC)  # Σ max(x, 0) − x·y   (y = off in the compact form; label terms fixed up below)
     acc_log = tl.zeros([BLOCK], ACC)  # Σ log1p(exp(−|x|))  (in log2 units when FAST)
     n_full = (n_owned // BLOCK) * BLOCK
     for k in range(0, n_full, BLOCK):  # the steady state: whole chunks, no predicates
@@ -197,7 +197,7 @@ def _bal_bce_kernel(
         if HAS_BIAS:
             xl += tl.load(table_ptr + label, mask=own, other=0.0).to(ACC)
         yl = off + on_minus_off * (tl.where(label == la, lam, 0.0) + tl.where(label == lb, 1.0 - lam, 0.0)).to(ACC)
-        lin_sum -= tl.sum(tl.where(own, on_minus_off * w_cand * xl, 0.0), axis=0)
+        lin_sum -= tl.sum(tl.where(own, (on_minus_off * w_cand).to(LACC) * xl.to(LACC), 0.0), axis=0)
         if WRITE_GRAD:
             small_l, _ = _terms(xl, FAST, ASM, ACC == tl.float64)
             gl = tl.where(xl >= 0, (1.0 - yl) - small_l, small_l - yl)

@@ -177,7 +177,10 @@ def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smooth
     constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None,
                       HAS_SCALE=grad_scale is not None, FAST=fast, ASM=use_asm(fast),
                       ACC=ACC_TL[logits.dtype], G=g, BLOCK=block, RBLOCK=min(1024, triton.next_power_of_2(programs)),
-                      ROWS=rows, CAND=triton.next_power_of_2(2 * (rows + 1)))
+                      ROWS=rows, CAND=triton.next_power_of_2(2 * (rows + 1)),
+                      # the label fix-up subtracts from the linear sum; with one row per program that sum holds a
+                      # row's label terms alone (exact cancellation), with several it needs float64 to stay exact
+                      LACC=tl.float64 if rows > 1 else ACC_TL[logits.dtype])
     return args, constexprs, (programs,), num_warps, {"loss": loss, "grad": grad}
 
 
