@@ -19,7 +19,8 @@ Targets in the compact mixup form (label_a, label_b, λ, smoothing; timm's ``mix
 
 The main loop treats every element as y = off (no label compares); afterwards each program fixes up the at most four
 label elements it owns (rewrites their gradient, subtracts (on − off)·w·x from the loss), as Liger-Kernel and
-flash-attention do for the label logit. A dense-target variant reads y instead.
+flash-attention do for the label logit. The loss keeps its linear part Σ max(x, 0) − x·y apart from the log terms until
+that subtraction, so confident logits (loss ≈ e^-margin) keep their relative accuracy. A dense-target variant reads y.
 
 The gradient is written only when asked (``write_grad``), optionally multiplied by a one-element device tensor
 (``grad_scale``: a compiled backward's grad_output, read on the device). The scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
