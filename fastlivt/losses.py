@@ -134,7 +134,7 @@ class LongTailLoss(nn.Module):
             return "torch", "softmax losses have no fused kernel"
         if self.fused == "torch":
             return "torch", "fused='torch' asked for"
-        from kernels.bal_bce import kernel_available  # imports triton
+        from kernels.launch import kernel_available  # imports triton
 
         ok, why = kernel_available(device)
         if ok:
@@ -159,7 +159,7 @@ class LongTailLoss(nn.Module):
 
     # ------------------------------------------------------------------------------------------- paths
     def _fused(self, logits: torch.Tensor, target: Target, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        from kernels.bal_bce import bal_bce
+        from kernels.bal_bce_op import bal_bce
 
         if isinstance(target, MixTarget):
             return bal_bce(logits, bias, label_a=target.label_a, label_b=target.label_b, lam=target.lam,
@@ -208,7 +208,8 @@ class LongTailLoss(nn.Module):
             if lab.shape != (n,) or lab.is_floating_point():
                 raise ValueError(f"loss {self.name}: labels must be an integer tensor of shape ({n},), got "
                                  f"{lab.dtype} {tuple(lab.shape)}")
-            if lab.device.type == "cpu":  # free here; on CUDA it would synchronise (the kernel makes such rows NaN)
+            if lab.device.type == "cpu" and not torch.compiler.is_compiling():  # free here; on CUDA (or traced) it
+                # would synchronise or break the graph (the kernel makes such rows NaN)
                 lo, hi = int(lab.min()), int(lab.max())
                 if lo < 0 or hi >= self.num_classes:
                     raise ValueError(f"loss {self.name}: label {lo if lo < 0 else hi} outside [0, {self.num_classes})")

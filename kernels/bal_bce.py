@@ -1,4 +1,4 @@
-"""Balanced binary cross-entropy fused into one Triton pass (forward and gradient together).
+"""Balanced binary cross-entropy fused into one Triton launch: loss, gradient and the scalar reduction together.
 
 For logits z [N, C], a per-class logit bias b [C] (already multiplied by τ) and soft targets y [N, C]::
 
@@ -6,91 +6,89 @@ For logits z [N, C], a per-class logit bias b [C] (already multiplied by τ) and
     loss   = (1/N) Σ_n Σ_c  max(x, 0) − x·y + log1p(exp(−|x|))      (sum over classes, mean over the batch)
     ∂loss/∂z = (σ(x) − y) / N
 
-One program handles ``BLOCK_N`` rows and walks their classes in chunks of ``BLOCK_C``: each logit is read once, the
-gradient is written once (in the logits' dtype) into a buffer that ``backward`` hands to autograd, and the per-row
-losses (accumulated in fp32, or fp64 for fp64 logits) go to an [N] buffer that one deterministic ``sum`` turns into
-the loss. The targets are built inside the kernel from the compact mixup form (label_a, label_b, λ, smoothing)::
+Layout (flat): the N·C logits are one flat array cut into vectors of G = 8 elements (fewer when N·C or C is not a
+multiple of 8). Row r's program owns the vectors that *start* in row r, so every element has exactly one owner, the
+loads and stores are whole aligned vectors (128-bit for 8 bf16) although a row of 8,142 bf16 is not 16-byte aligned, and
+a program touches at most rows r and r + 1. (Under the interpreter, which runs programs one by one, a program takes
+several consecutive rows the same way.) The bias comes from a small table ``bias_table[d, m] = b[(m + d) mod C]``
+(d = the row's phase within a vector), so it is read with aligned vector loads too.
 
-    y = λ · smooth(label_a) + (1 − λ) · smooth(label_b),   smooth(k) = one-hot(k) with on = 1 − s + s/C, off = s/C
+Targets in the compact mixup form (label_a, label_b, λ, smoothing; timm's ``mixup_target``)::
 
-(timm's ``mixup_target``), so no N × C target tensor exists; a dense-target variant reads y instead. A label outside
-[0, C) makes that row's loss NaN (checking it on the host would cost a device synchronisation per step).
+    y = off + (on − off)·(λ·[c = label_a] + (1 − λ)·[c = label_b]),   on = 1 − s + s/C, off = s/C
 
-``backward`` multiplies the stored gradient by the incoming gradient in place, in a kernel that returns at once when
-that gradient is exactly 1 (``loss.backward()``), so the usual step touches the N × C data once in all. A second
-backward through a retained graph recomputes the gradient from the saved logits.
+The main loop treats every element as y = off (no label compares); afterwards each program fixes up the at most four
+label elements it owns (rewrites their gradient, subtracts (on − off)·w·x from the loss), as Liger-Kernel and
+flash-attention do for the label logit. The loss keeps its linear part Σ max(x, 0) − x·y apart from the log terms until
+that subtraction, so confident logits (loss ≈ e^-margin) keep their relative accuracy. A dense-target variant reads y.
 
-Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
+The gradient is written only when asked (``write_grad``), optionally multiplied by a one-element device tensor
+(``grad_scale``: a compiled backward's grad_output, read on the device). The scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
+program adds the partials in a fixed order (deterministic) and resets the counter (ATen's last-block reduction). A label
+outside [0, C) makes the loss NaN (a host check would synchronise).
+
+Accuracy. ``fast=False`` (fp32/fp64 logits by default): relative errors ≈ 1e-7 (fp32) against float64. ``fast=True``
+(the default for bf16/fp16 logits on CUDA): exp2, log2 and reciprocal use the hardware approximations ex2.approx.ftz,
+lg2.approx.ftz and rcp.approx.ftz (PTX ISA: relative error ≤ 2^-22 for ex2/rcp, absolute ≤ 2^-22 for lg2 on [1, 2]) and
+log1p(e) is computed as log2(1 + e)·ln 2. Bound: each gradient element within 2^-20/N of (σ(x) − y)/N before it is
+rounded to the logits' dtype (far below the 2^-8 / 2^-11 rounding of a bf16 / fp16 gradient), the loss within C·2^-21
+absolute (per sample) plus fp32 summation rounding. The interpreter cannot run inline assembly: there ``fast`` uses the same formulas with precise
+exp2/log2/division (:func:`use_asm` says which), and the tests check the bound in fp32, bf16 and fp16 that way.
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Tuple
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+from kernels.launch import (ACC_TL, interpreter_enabled, kernel_available, launch_args, launch_config, record_launch,
+                            use_asm)
 
+__all__ = ["bal_bce_forward", "scale_grad_", "kernel_available", "interpreter_enabled", "launch_config", "use_asm"]
 
-def interpreter_enabled() -> bool:
-    """True when TRITON_INTERPRET holds a value triton reads as true (it must be set before triton is imported)."""
-    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
-
-
-def kernel_available(device: torch.device) -> Tuple[bool, str]:
-    """Whether the kernel can run on tensors of ``device``, and why (for logs and benchmark rows)."""
-    if device.type == "cuda":
-        return True, "logits on CUDA"
-    if interpreter_enabled():
-        return True, f"TRITON_INTERPRET=1 (logits on {device.type}, Triton interpreter)"
-    return False, f"logits on {device.type} and TRITON_INTERPRET is not set (Triton needs CUDA or its interpreter)"
+LN2 = math.log(2.0)
 
 
 @triton.jit
-def _bal_bce_fwd_bwd(
-    z_ptr, stride_z,  # logits [N, C], classes contiguous
-    bias_ptr,  # τ-scaled bias [C] (read only if HAS_BIAS)
-    la_ptr, lb_ptr, lam, one_minus_lam, off, on,  # compact target (if not DENSE)
-    y_ptr, stride_y,  # dense target [N, C] (if DENSE)
-    grad_ptr, stride_g,  # out: gradient [N, C] in the logits' dtype
-    part_ptr,  # out: per-row loss / N, [N] in ACC
-    N, C,
-    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    z_rows = z_ptr + rows64 * stride_z
-    g_rows = grad_ptr + rows64 * stride_g
-    if DENSE:
-        y_rows = y_ptr + rows64 * stride_y
+def _ex2(x, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        la = tl.load(la_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-        lb = tl.load(lb_ptr + rows, mask=row_ok, other=0).to(tl.int32)
-    inv_n = 1.0 / tl.cast(N, ACC)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], ACC)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < C
-        m = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(z_rows[:, None] + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
-        if HAS_BIAS:
-            x = x + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-        if DENSE:
-            y = tl.load(y_rows[:, None] + cols[None, :], mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
-        else:
-            w = tl.where(cols[None, :] == la[:, None], lam, 0.0) + tl.where(cols[None, :] == lb[:, None], one_minus_lam, 0.0)
-            y = off + (on - off) * w.to(ACC)
-        e = tl.exp(-tl.abs(x))  # in (0, 1]
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _lg2(x, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit
+def _rcp(x, ASM: tl.constexpr):
+    if ASM:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _terms(x, FAST: tl.constexpr, ASM: tl.constexpr, F64: tl.constexpr):
+    """(σ(−|x|), log1p(exp(−|x|)) in the units the accumulator uses: log2 units when FAST, natural otherwise)."""
+    if FAST:
+        e = _ex2(tl.abs(x) * -1.4426950408889634, ASM)
         u = 1.0 + e
-        if F64:  # log1p(e) = log(u) * e / (u - 1), exact to rounding (and e itself once 1 + e == 1)
+        return e * _rcp(u, ASM), _lg2(u, ASM)
+    else:
+        e = tl.exp(-tl.abs(x))
+        u = 1.0 + e
+        if F64:  # log1p(e) = log(u) · e / (u − 1), exact to rounding (and e itself once 1 + e == 1)
             log1p_e = tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
-            r = 1.0 / u
+            return e / u, log1p_e
         else:  # log1p(e) = 2 atanh(t), t = e / (2 + e) <= 1/3: the odd series to t^15 is within 2e-8 (relative)
             t = tl.fdiv(e, 2.0 + e)
             t2 = t * t
@@ -101,18 +99,128 @@ def _bal_bce_fwd_bwd(
             p = p * t2 + (1.0 / 5.0)
             p = p * t2 + (1.0 / 3.0)
             p = p * t2 + 1.0
-            log1p_e = 2.0 * t * p
-            r = tl.fdiv(tl.full([BLOCK_N, BLOCK_C], 1.0, ACC), u)
-        acc += tl.where(m, tl.maximum(x, 0.0) - x * y + log1p_e, 0.0)
-        # σ(x) − y without cancellation: σ(−|x|) = e/(1 + e), and σ(x) = 1 − σ(−x) for x >= 0
-        small = e * r
-        diff = tl.where(x >= 0, (1.0 - y) - small, small - y)
-        tl.store(g_rows[:, None] + cols[None, :], (diff * inv_n).to(grad_ptr.dtype.element_ty), mask=m)
-    row_loss = tl.sum(acc, axis=1) * inv_n
+            return tl.fdiv(e, u), 2.0 * t * p
+
+
+@triton.jit
+def _chunk(z_row, t_row, y_row, g_row, rel, n_owned, acc_lin, acc_log, off, g_scale, HAS_BIAS: tl.constexpr,
+           DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr,
+           MASKED: tl.constexpr):
+    """One chunk of owned logits: accumulate the loss terms, store the gradient (y = off unless DENSE)."""
+    if MASKED:
+        m = rel < n_owned
+        x = tl.load(z_row + rel, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+        if HAS_BIAS:
+            x += tl.load(t_row + rel, mask=m, other=0.0).to(ACC)
+        if DENSE:
+            y = tl.load(y_row + rel, mask=m, other=0.0, eviction_policy="evict_first").to(ACC)
+    else:
+        x = tl.load(z_row + rel, eviction_policy="evict_first").to(ACC)
+        if HAS_BIAS:
+            x += tl.load(t_row + rel).to(ACC)
+        if DENSE:
+            y = tl.load(y_row + rel, eviction_policy="evict_first").to(ACC)
     if not DENSE:
-        bad = (la < 0) | (la >= C) | (lb < 0) | (lb >= C)
-        row_loss = tl.where(bad, float("nan"), row_loss)
-    tl.store(part_ptr + rows, row_loss, mask=row_ok)
+        y = off
+    small, lg = _terms(x, FAST, ASM, ACC == tl.float64)  # small = σ(−|x|)
+    lin = tl.maximum(x, 0.0) - x * y
+    if MASKED:
+        acc_lin += tl.where(m, lin, 0.0)
+        acc_log += tl.where(m, lg, 0.0)
+    else:
+        acc_lin += lin
+        acc_log += lg
+    if WRITE_GRAD:  # σ(x) − y without cancellation: σ(−|x|) directly, σ(x) = 1 − σ(−x) for x >= 0
+        g = (tl.where(x >= 0, (1.0 - y) - small, small - y) * g_scale).to(g_row.dtype.element_ty)
+        if MASKED:
+            tl.store(g_row + rel, g, mask=m)
+        else:
+            tl.store(g_row + rel, g)
+    return acc_lin, acc_log
+
+
+@triton.jit
+def _bal_bce_kernel(
+    z_ptr,  # logits, flat [N·C]
+    table_ptr, L,  # bias table [G, L] fp32: table[d, m] = bias[(m + d) mod C] (read only if HAS_BIAS)
+    la_ptr, lb_ptr, lam, off, on_minus_off,  # compact target (if not DENSE)
+    y_ptr,  # dense target, flat [N·C] (if DENSE)
+    grad_ptr,  # out: gradient, flat [N·C], logits' dtype (written only if WRITE_GRAD)
+    scale_ptr,  # the gradient's scale: one value (read only if HAS_SCALE; a compiled graph's grad_output)
+    part_ptr, count_ptr, loss_ptr,  # per-program partial sums [N], arrival counter [1] (int32, left at 0), loss [1]
+    N, C,
+    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr, ROWS: tl.constexpr, CAND: tl.constexpr, LACC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid * ROWS  # this program's rows: [row, row + ROWS) (ROWS = 1 on a GPU; many in the interpreter)
+    s = row.to(tl.int64) * C  # flat start of the first row
+    o0 = ((s + (G - 1)) // G) * G  # first owned vector: the first that starts in these rows
+    e = tl.minimum(row + ROWS, N).to(tl.int64) * C
+    n_owned = (((e + (G - 1)) // G) * G - o0).to(tl.int32)  # a multiple of G, < ROWS·C + G
+    inv_n = 1.0 / tl.cast(N, ACC)
+    g_scale = inv_n  # the gradient's factor
+    if HAS_SCALE:
+        g_scale = inv_n * tl.load(scale_ptr).to(ACC)
+    d = (o0 - s).to(tl.int32)  # this row's phase: element o0 + m is class (m + d) mod C
+    z_row = z_ptr + o0
+    g_row = grad_ptr + o0
+    t_row = table_ptr + d * L
+    y_row = y_ptr + o0
+    acc_lin = tl.zeros([BLOCK], LACC)  # Σ max(x, 0) − x·y   (y = off in the compact form; label terms fixed up below)
+    acc_log = tl.zeros([BLOCK], ACC)  # Σ log1p(exp(−|x|))  (in log2 units when FAST)
+    n_full = (n_owned // BLOCK) * BLOCK
+    for k in range(0, n_full, BLOCK):  # the steady state: whole chunks, no predicates
+        acc_lin, acc_log = _chunk(z_row, t_row, y_row, g_row, k + tl.arange(0, BLOCK), n_owned, acc_lin, acc_log, off,
+                                  g_scale, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, False)
+    if n_full < n_owned:  # the last, partial chunk; the predicate is constant over each G-vector (vector accesses)
+        acc_lin, acc_log = _chunk(z_row, t_row, y_row, g_row, n_full + tl.arange(0, BLOCK), n_owned, acc_lin, acc_log,
+                                  off, g_scale, HAS_BIAS, DENSE, WRITE_GRAD, FAST, ASM, ACC, True)
+    lin_sum = tl.sum(acc_lin, axis=0)  # label corrections go here before the log terms join (no absorption)
+    if FAST:
+        log_sum = tl.sum(acc_log, axis=0) * 0.6931471805599453
+    else:
+        log_sum = tl.sum(acc_log, axis=0)
+    if not DENSE:
+        # label fix-up: rows row .. row + ROWS, labels a and b -> candidates; those this program owns are rewritten
+        cand = tl.arange(0, CAND)
+        crow = row + cand // 2
+        row_ok = (crow < N) & (cand < 2 * (ROWS + 1))
+        la = tl.load(la_ptr + crow, mask=row_ok, other=0).to(tl.int32)
+        lb = tl.load(lb_ptr + crow, mask=row_ok, other=0).to(tl.int32)
+        label = tl.where(cand % 2 == 0, la, lb)
+        w_cand = tl.where(cand % 2 == 0, lam, 1.0 - lam)
+        pos64 = crow.to(tl.int64) * C + label - o0
+        own = row_ok & (label >= 0) & (label < C) & (pos64 >= 0) & (pos64 < n_owned)
+        pos = tl.where(own, pos64, 0).to(tl.int32)
+        xl = tl.load(z_row + pos, mask=own, other=0.0).to(ACC)
+        if HAS_BIAS:
+            xl += tl.load(table_ptr + label, mask=own, other=0.0).to(ACC)
+        yl = off + on_minus_off * (tl.where(label == la, lam, 0.0) + tl.where(label == lb, 1.0 - lam, 0.0)).to(ACC)
+        lin_sum -= tl.sum(tl.where(own, (on_minus_off * w_cand).to(LACC) * xl.to(LACC), 0.0), axis=0)
+        if WRITE_GRAD:
+            small_l, _ = _terms(xl, FAST, ASM, ACC == tl.float64)
+            gl = tl.where(xl >= 0, (1.0 - yl) - small_l, small_l - yl)
+            tl.debug_barrier()  # the main loop's stores of these elements come first
+            tl.store(g_row + pos, (gl * g_scale).to(grad_ptr.dtype.element_ty), mask=own)
+        row_loss = lin_sum + log_sum
+        mine = row_ok & (cand < 2 * ROWS)  # labels of this program's own rows
+        n_bad = tl.sum(tl.where(mine & ((label < 0) | (label >= C)), 1, 0), axis=0)
+        row_loss = tl.where(n_bad > 0, float("nan"), row_loss)
+    else:
+        row_loss = lin_sum + log_sum
+    tl.store(part_ptr + pid, row_loss * inv_n)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    n_prog = tl.num_programs(0)
+    if arrived == n_prog - 1:  # the last program: add the partials in a fixed order, leave the counter at 0
+        offs = tl.arange(0, RBLOCK)
+        total = tl.zeros([RBLOCK], ACC)
+        for p0 in range(0, n_prog, RBLOCK):
+            total += tl.load(part_ptr + p0 + offs, mask=p0 + offs < n_prog, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(total, axis=0))
+        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -126,62 +234,25 @@ def _scale_unless_one(g_ptr, s_ptr, numel, ACC: tl.constexpr, BLOCK: tl.constexp
         tl.store(g_ptr + offs, (g * s).to(g_ptr.dtype.element_ty), mask=m)
 
 
-def launch_config(n: int, c: int, interpret: Optional[bool] = None) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) for N rows of C classes.
-
-    GPU: chunks of up to 2,048 classes (iNat's 8,142 in four) and rows packed together until a tile holds 2,048
-    logits, 4 warps — 16 logits per thread (chosen from the compiled instruction count; this layout has not been timed
-    on a GPU yet — ``fastlivt bench loss`` reports its fraction of the copy bandwidth). The interpreter runs programs one after another in Python, so there it
-    takes few, large tiles (up to 16,384 logits).
-    """
-    interpret = interpreter_enabled() if interpret is None else interpret
-    tile = 16384 if interpret else 2048
-    block_c = min(triton.next_power_of_2(c), tile)
-    block_n = max(1, min(triton.next_power_of_2(n), tile // block_c))
-    return block_n, block_c, 4
+_TABLES: Dict[tuple, Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 
-def launch_candidates(n: int, c: int) -> List[Tuple[int, int, int]]:
-    """The (BLOCK_N, BLOCK_C, num_warps) layouts ``fastlivt bench loss`` times on a GPU besides :func:`launch_config`:
-    class chunks of 512 to 4,096, tiles of 2,048 to 8,192 logits, 4 or 8 warps (clamped to the shape, deduplicated)."""
-    out: List[Tuple[int, int, int]] = []
-    for block_c in (512, 1024, 2048, 4096):
-        block_c = min(block_c, triton.next_power_of_2(c))
-        for tile in (2048, 4096, 8192):
-            block_n = max(1, min(triton.next_power_of_2(n), tile // block_c))
-            for warps in (4, 8):
-                if block_n * block_c >= 32 * warps and (block_n, block_c, warps) not in out:
-                    out.append((block_n, block_c, warps))
-    return out
+def bias_table(bias: torch.Tensor, c: int, g: int, rows: int = 1) -> Tuple[torch.Tensor, int]:
+    """([G, L] fp32 table with table[d, m] = bias[(m + d) mod C], L ≥ rows·C + G) — once per bias tensor and version.
 
-
-def _check(logits: torch.Tensor, bias: Optional[torch.Tensor], label_a, label_b, target) -> torch.Tensor:
-    ok, why = kernel_available(logits.device)
-    if not ok:
-        raise RuntimeError(f"fused Bal-BCE kernel: {why}; use the PyTorch path (fused='torch') on this device")
-    if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
-        raise ValueError(f"fused Bal-BCE kernel: logits must be a non-empty [N, C] tensor, got shape {tuple(logits.shape)}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"fused Bal-BCE kernel: logits dtype {logits.dtype} not in {SUPPORTED_DTYPES}")
-    n, c = logits.shape
-    if bias is not None:
-        if bias.shape != (c,):
-            raise ValueError(f"fused Bal-BCE kernel: bias has shape {tuple(bias.shape)}, expected ({c},)")
-        if bias.requires_grad:
-            raise ValueError("fused Bal-BCE kernel: the logit bias is a constant; it must not require grad")
-    if target is not None:
-        if target.shape != logits.shape or not target.is_floating_point():
-            raise ValueError(f"fused Bal-BCE kernel: dense target must be float [N, C]={n, c}, "
-                             f"got {target.dtype} {tuple(target.shape)}")
-    else:
-        for name, lab in (("label_a", label_a), ("label_b", label_b)):
-            if lab is None or lab.shape != (n,) or lab.is_floating_point() or lab.dtype == torch.bool:
-                raise ValueError(f"fused Bal-BCE kernel: {name} must be an integer tensor of shape ({n},), "
-                                 f"got {None if lab is None else (lab.dtype, tuple(lab.shape))}")
-    for t in (bias, label_a, label_b, target):
-        if t is not None and t.device != logits.device:
-            raise ValueError(f"fused Bal-BCE kernel: all inputs must be on {logits.device}, got one on {t.device}")
-    return logits.contiguous()  # a no-op for the usual contiguous head output
+    The cache holds the bias tensor itself (so its identity cannot be reused while cached) and its version counter
+    (an in-place change rebuilds the table); at most 16 entries."""
+    length = ((rows * c + g + 15) // 16) * 16  # ≥ the longest owned range; a multiple of 16 (aligned rows)
+    key = (id(bias), c, g, rows)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is bias and hit[1] == bias._version:
+        return hit[2], length
+    if len(_TABLES) >= 16:
+        _TABLES.clear()
+    idx = (torch.arange(g, device=bias.device)[:, None] + torch.arange(length, device=bias.device)[None, :]) % c
+    table = bias.detach().float()[idx].contiguous()
+    _TABLES[key] = (bias, bias._version, table)
+    return table, length
 
 
 def bal_bce_forward(
@@ -194,99 +265,37 @@ def bal_bce_forward(
     smoothing: float = 0.0,
     target: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
-    config: Optional[Tuple[int, int, int]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    write_grad: bool = True,
+    grad_scale: Optional[torch.Tensor] = None,
+    fast: Optional[bool] = None,
+    config: Optional[Tuple[int, int]] = None,
+    rows: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One kernel launch: (loss, ∂loss/∂logits) without autograd.
 
     logits: [N, C] fp32/bf16/fp16/fp64. bias: τ-scaled logit bias [C] or None. Targets: either ``target`` (dense
     [N, C]) or ``label_a``/``label_b`` [N] with ``lam`` and ``smoothing`` (``label_b`` defaults to ``label_a``).
-    ``grad_out``: optional contiguous [N, C] buffer of the logits' dtype to write the gradient into. ``config``:
-    (BLOCK_N, BLOCK_C, num_warps) to override :func:`launch_config`. Returns the loss (fp32 scalar; fp64 for fp64 logits) and
-    the gradient. Non-contiguous logits or targets are copied first.
+    ``grad_out``: optional contiguous [N, C] buffer of the logits' dtype for the gradient; ``write_grad=False`` skips
+    the gradient (returns None); ``grad_scale``: a one-element tensor the gradient is multiplied by (read on the
+    device). ``fast``: the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
+    (BLOCK, num_warps) to override :func:`launch_config`; ``rows``: rows per program (default
+    :func:`~kernels.launch.rows_per_program`). Returns the loss (fp32 scalar; fp64 for fp64 logits) and
+    the gradient.
     """
-    if target is None and label_b is None:
-        label_b = label_a  # hard labels
-    logits = _check(logits, bias, label_a, label_b, target)
-    if not (0.0 <= lam <= 1.0) or not (0.0 <= smoothing < 1.0):
-        raise ValueError(f"fused Bal-BCE kernel: need 0 <= lam <= 1 and 0 <= smoothing < 1, got lam={lam}, smoothing={smoothing}")
-    n, c = logits.shape
-    acc_torch = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    acc_tl = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    if grad_out is None:
-        grad_out = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
-    elif grad_out.shape != (n, c) or grad_out.dtype != logits.dtype or not grad_out.is_contiguous():
-        raise ValueError(f"fused Bal-BCE kernel: grad_out must be a contiguous [N, C] {logits.dtype} tensor")
-    dense = target is not None
-    if dense:
-        target = target.contiguous()
-    off = smoothing / c
-    on = 1.0 - smoothing + off
-    block_n, block_c, num_warps = config or launch_config(n, c)
-    grid = (triton.cdiv(n, block_n),)
-    partial = torch.empty(n, dtype=acc_torch, device=logits.device)
-    _bal_bce_fwd_bwd[grid](
-        logits, logits.stride(0),
-        bias if bias is not None else logits,
-        label_a if not dense else logits, label_b if not dense else logits, float(lam), 1.0 - float(lam), off, on,
-        target if dense else logits, target.stride(0) if dense else 0,
-        grad_out, grad_out.stride(0),
-        partial,
-        n, c,
-        HAS_BIAS=bias is not None, DENSE=dense, ACC=acc_tl, F64=logits.dtype == torch.float64,
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=num_warps,
-    )
-    return partial.sum(), grad_out
+    args, constexprs, grid, num_warps, keep = launch_args(logits, bias, label_a, label_b, lam, smoothing, target,
+                                                          grad_out, write_grad, grad_scale, fast, config, bias_table,
+                                                          rows)
+    record_launch("bal_bce")
+    _bal_bce_kernel[grid](*args, **constexprs, num_warps=num_warps)
+    return keep["loss"], keep["grad"]
 
 
 def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (a one-element tensor) in place; costs one launch and no traffic when scale == 1."""
+    """grad *= scale (a one-element tensor) in place; one launch and no traffic when scale == 1."""
     numel = grad.numel()
     block = min(triton.next_power_of_2(numel), 1 << 16) if interpreter_enabled() else 4096
-    acc_tl = tl.float64 if grad.dtype == torch.float64 else tl.float32
-    _scale_unless_one[(triton.cdiv(numel, block),)](grad, scale.reshape(()).contiguous(), numel, ACC=acc_tl,
-                                                    BLOCK=block, num_warps=4)
+    record_launch("scale_unless_one")
+    _scale_unless_one[(triton.cdiv(numel, block),)](grad, scale.reshape(()).contiguous(), numel,
+                                                    ACC=ACC_TL[grad.dtype], BLOCK=block, num_warps=4)
     return grad
 
-
-class BalBCEFunction(torch.autograd.Function):
-    """Autograd wrapper: forward launches the fused kernel; backward returns its gradient buffer (scaled)."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, label_a, label_b, target, lam, smoothing, config):
-        loss, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                                     target=target, config=config)
-        ctx.save_for_backward(logits, bias, label_a, label_b, target)
-        ctx.grad = grad
-        ctx.args = (lam, smoothing, config)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grad, ctx.grad = ctx.grad, None  # hand the buffer over; autograd owns it from here
-        if grad is None:  # a second backward through a retained graph
-            logits, bias, label_a, label_b, target = ctx.saved_tensors
-            lam, smoothing, config = ctx.args
-            _, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                                      target=target, config=config)
-        scale_grad_(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None
-
-
-def bal_bce(
-    logits: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    *,
-    label_a: Optional[torch.Tensor] = None,
-    label_b: Optional[torch.Tensor] = None,
-    lam: float = 1.0,
-    smoothing: float = 0.0,
-    target: Optional[torch.Tensor] = None,
-    config: Optional[Tuple[int, int, int]] = None,
-) -> torch.Tensor:
-    """The differentiable fused loss: Σ_c BCE(logits + bias, y) averaged over the batch (see the module docstring).
-
-    Give either a dense ``target`` [N, C] or ``label_a`` (and optionally ``label_b``, ``lam``, ``smoothing``);
-    hard labels are ``label_a`` alone. Gradients flow to ``logits`` only.
-    """
-    return BalBCEFunction.apply(logits, bias, label_a, label_b, target, float(lam), float(smoothing), config)

@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce, bal_bce_forward, interpreter_enabled, kernel_available, launch_candidates
+from kernels.bal_bce import bal_bce_forward, interpreter_enabled, kernel_available
+from kernels.bal_bce_op import bal_bce
+from kernels.launch import launch_candidates
 from kernels.reference import bal_bce_reference, soft_target
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-9}
@@ -47,18 +49,18 @@ def test_compact_target_matches_float64_reference(dtype, n, c):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_target_matches_reference_and_small_blocks_cover_tails(dtype):
-    # tiles of 2 rows x 64 classes over 7 x 150: several chunks per row, partial last chunk and last tile
+    # chunks of 64 logits over rows of 150: whole chunks (the unpredicated loop), then a partial last chunk
     n, c = 7, 150
     logits, bias, la, lb = make(n, c, dtype, seed=3)
     target = torch.rand(n, c, generator=torch.Generator().manual_seed(9))
-    for config in [None, (2, 64, 4)]:
+    for config in [None, (64, 4)]:
         loss, grad = bal_bce_forward(logits, bias, target=target, config=config)
         ref_loss, ref_grad = bal_bce_reference(logits, bias, target)
         assert rel(loss, ref_loss) <= TOL[dtype] and rel(grad, ref_grad) <= TOL[dtype]
 
 
 @needs_kernel
-@pytest.mark.parametrize("config", [None, (2, 64, 4)])
+@pytest.mark.parametrize("config", [None, (64, 4)])
 def test_every_gradient_element_is_written(config):
     n, c = 9, 200
     logits, bias, la, lb = make(n, c, torch.float32, seed=4)
@@ -75,7 +77,7 @@ def test_every_benchmarked_launch_layout_computes_the_same_loss_and_gradient():
     # the layouts `fastlivt bench loss` sweeps on a GPU: chunks that split a row and leave a partial last chunk
     n, c = 9, 1500
     configs = launch_candidates(n, c)
-    assert len(configs) >= 4 and any(bc < c for _, bc, _ in configs) and any(bc > c for _, bc, _ in configs)
+    assert len(configs) >= 4 and any(block < c for block, _ in configs) and any(block > c for block, _ in configs)
     logits, bias, la, lb = make(n, c, torch.float32, seed=8)
     ref_loss, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.3, 0.1, c))
     for config in configs:
@@ -110,7 +112,7 @@ def test_backward_scales_by_incoming_gradient_and_survives_retain_graph():
     _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, la, 1.0, 0.0, 40))
     z = logits.clone().requires_grad_(True)
     loss = bal_bce(z, bias, label_a=la)
-    (g1,) = torch.autograd.grad(2.5 * loss, z, retain_graph=True)  # grad_output 2.5: the scaling kernel runs
+    (g1,) = torch.autograd.grad(2.5 * loss, z, retain_graph=True)  # grad_output 2.5: the scaling kernel scales
     (g2,) = torch.autograd.grad(loss, z)  # second backward through the retained graph: recomputed
     assert rel(g1, 2.5 * ref_grad) <= 1e-6
     assert rel(g2, ref_grad) <= 1e-6

@@ -3,20 +3,26 @@
 Shapes: N = 1,024 rows, C ∈ {365 (Places-LT), 1,000 (ImageNet-LT), 8,142 (iNat18)}, fp32 and bf16 logits; the target
 is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form bias, τ = 1).
 
+- sass-sm90 (any machine, also ``--quick``): the kernel compiled for sm_90 exactly as the real launch at N = 1,024,
+  C = 8,142 bf16 would compile it, read from its SASS (:mod:`kernels.sass`): instructions per logit in the steady-state
+  loop, bit width of the logit loads and gradient stores, and the launches one forward + ``loss.backward()`` makes
+  (counted at the launch sites; under ``TRITON_INTERPRET=1`` in a child process where no GPU is present);
 - eager: ``x = logits + τb`` then ``binary_cross_entropy_with_logits(x, y, reduction='sum') / N`` on the materialised
   N × C soft target (built once, outside the timed region), gradient by ``torch.autograd.grad``;
 - torch.compile: the same function compiled (Inductor);
-- triton: :func:`fastlivt.losses.build_loss` with ``fused='triton'`` on the compact MixTarget (no N × C target);
+- triton: :func:`fastlivt.losses.build_loss` with ``fused='triton'`` on the compact MixTarget (no N × C target),
+  forward + backward as a user calls it;
 - triton kernel (one pass): the fused kernel alone (loss and gradient, no autograd), against the copy bandwidth;
 - copy: ``logits.clone()`` — the device's copy bandwidth at the same size, measured in the same run;
-- on CUDA at C = 8,142, the one-pass kernel again under every layout of :func:`kernels.bal_bce.launch_candidates`.
+- on CUDA at C = 8,142, the one-pass kernel again under every layout of :func:`kernels.launch.launch_candidates`.
 
 GB/s counts 2·N·C·bytes(dtype): the logits read once and the gradient written once (bias, labels and the [N] partial
 sums are ignored; the eager path's fp32 temporaries and target are not counted, so its GB/s is an *effective* figure).
-On CUDA the time is the GPU time between CUDA events with the L2 cache flushed (a 512 MiB write) before every repeat,
-which also hides the CPU launch overhead (as ``triton.testing.do_bench``); ``wall_us`` in ``extra`` is the wall time
-per call in a loop of back-to-back calls, CPU overhead included. On CPU the kernel rows are unavailable and the
-PyTorch path of ``losses.py`` is compared with eager (wall time).
+On CUDA ``median`` is device time per call from ``torch.profiler`` (the sum of the GPU kernels, copies and fills one call
+issues, the L2 flushed — a 512 MiB ``bitwise_not_``, excluded — before every call), so host time never counts as kernel
+time; ``extra`` has ``wall_us`` (CUDA events around a loop of back-to-back calls after a synchronisation, CPU overhead
+included), ``device_launches`` (GPU kernels per call in the profile), ``fraction_of_copy`` and the ratios to eager and
+torch.compile. On CPU the kernel rows are unavailable and the PyTorch path of ``losses.py`` is compared with eager.
 """
 from __future__ import annotations
 
@@ -46,31 +52,69 @@ def long_tail_counts(c: int, head: int = 1000, imbalance: float = 100.0) -> List
     return [max(2, int(head * imbalance ** (-i / (c - 1)))) for i in range(c)]
 
 
-def cuda_time(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Tuple[float, float, List[float]]:
-    """Median and half-range in µs of GPU time per call, L2 flushed before each call."""
-    flush = torch.empty(512 << 20, dtype=torch.int8, device=device)
+def profiled_us(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
+                sessions: int = 5) -> Tuple[float, float, float]:
+    """(median, half-range, GPU kernels per call) of the device time per call in µs from torch.profiler: ``sessions``
+    profiles of ``repeats / sessions`` calls each, the L2 flushed before every call (the flush itself excluded)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(512 << 20, dtype=torch.uint8, device=device)
     for _ in range(warmup):
         fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for s, e in zip(starts, ends):
-        flush.zero_()
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize(device)
-    times = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    calls = max(1, repeats // sessions)
+    per_call: List[float] = []
+    launches: List[float] = []
+    for _ in range(sessions):
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                flush.bitwise_not_()
+                fn()
+            sync(device)
+        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA and "bitwise_not" not in e.name]
+        per_call.append(sum(e.time_range.elapsed_us() for e in events) / calls)
+        launches.append(len(events) / calls)
     del flush
-    return statistics.median(times), (max(times) - min(times)) / 2, times
+    return statistics.median(per_call), (max(per_call) - min(per_call)) / 2, statistics.median(launches)
 
 
 def wall_time_us(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    """Wall time per call: CUDA events around ``calls`` back-to-back calls, after a synchronisation."""
     sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / calls
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
-    sync(device)
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def sass_row(device: torch.device) -> Row:
+    """What the kernel compiles to on sm_90 for N = 1,024, C = 8,142 bf16, and its launches per forward + backward."""
+    shape, name = f"N={N} C={SWEEP_C}", "Bal-BCE kernel, steady-state loop (sm_90 SASS)"
+    try:
+        from kernels.launch import launches_per_call
+        from kernels.sass import sm90_figures
+
+        figures = sm90_figures(N, SWEEP_C, torch.bfloat16)
+        by_kernel = launches_per_call(SWEEP_C, torch.bfloat16, device)
+    except Exception as ex:  # reported, never silent
+        return unavailable(PART, name, "sass-sm90", device, f"{type(ex).__name__}: {str(ex)[:200]}", shape=shape,
+                           dtype="bfloat16")
+    extra = {"instructions_per_logit": figures["instructions_per_logit"], "logit_load_bits": figures["logit_load_bits"],
+             "grad_store_bits": figures["grad_store_bits"], "launches_per_call": sum(by_kernel.values()),
+             "launches_by_kernel": by_kernel, "loop_instructions": figures["loop_instructions"],
+             "mufu_per_logit": figures["mufu_per_logit"], "block": figures["block"], "num_warps": figures["num_warps"],
+             "vector": figures["vector"], "fast_math": figures["fast"]}
+    return Row(part=PART, name=name, backend="sass-sm90", device=device_name(device), shape=shape, dtype="bfloat16",
+               unit="instr/logit", median=figures["instructions_per_logit"], repeats=1, extra=extra)
 
 
 def _eager_loss(logits: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -108,8 +152,8 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
 
     def measure(fn) -> Tuple[float, float, int, Dict[str, float]]:
         if cuda:
-            med, spread, _ = cuda_time(fn, device, warmup, repeats)
-            extra = {"wall_us": wall_time_us(fn, device, 20 if quick else 100)}
+            med, spread, kernels = profiled_us(fn, device, warmup, repeats)
+            extra = {"wall_us": wall_time_us(fn, device, 20 if quick else 100), "device_launches": kernels}
         else:
             med, spread, _ = time_fn(fn, device, warmup, repeats)
             extra = {}
@@ -131,6 +175,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
 
     # torch.compile of the same eager function
     c_med: Optional[float] = None
+    c_extra: Dict[str, float] = {}
     if compile_state.get("skip"):
         rows.append(unavailable(PART, fb, "torch.compile", device, str(compile_state["skip"]), shape=shape, dtype=dname))
     else:
@@ -154,17 +199,21 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
     if cuda:
         fused = build_loss("bal_bce", counts, fused="triton").to(device)
         got = fused(logits.detach(), target).item()
-        t_med, t_sp, t_rep, t_extra = measure(_fwd_bwd(lambda z: fused(z, target), logits))
-        t_extra["loss_rel_diff_vs_eager"] = abs(got - ref_loss) / abs(ref_loss)
-        if c_med is not None:
-            t_extra["speedup_vs_compile"] = c_med / t_med
-        rows.append(row(fb, "triton", t_med, t_sp, t_rep, t_extra, "eager", e_med / t_med))
-
-        from kernels.bal_bce import bal_bce_forward, launch_candidates, launch_config
-
         x = logits.detach()
         cp_med, cp_sp, cp_rep, cp_extra = measure(lambda: x.clone())
         rows.append(row("copy (logits.clone)", "torch", cp_med, cp_sp, cp_rep, cp_extra))
+        t_med, t_sp, t_rep, t_extra = measure(_fwd_bwd(lambda z: fused(z, target), logits))
+        t_extra["loss_rel_diff_vs_eager"] = abs(got - ref_loss) / abs(ref_loss)
+        t_extra["fraction_of_copy"] = cp_med / t_med
+        t_extra["wall_ratio_vs_eager"] = e_extra["wall_us"] / t_extra["wall_us"]
+        if c_med is not None:
+            t_extra["speedup_vs_compile"] = c_med / t_med
+            t_extra["wall_speedup_vs_compile"] = c_extra["wall_us"] / t_extra["wall_us"]
+        rows.append(row(fb, "triton", t_med, t_sp, t_rep, t_extra, "eager", e_med / t_med))
+
+        from kernels.bal_bce import bal_bce_forward
+        from kernels.launch import launch_candidates, launch_config
+
         scaled = fused.scaled_bias
         k_med, k_sp, k_rep, k_extra = measure(lambda: bal_bce_forward(x, scaled, label_a=target.label_a,
                                                                       label_b=target.label_b, lam=LAM, smoothing=SMOOTHING))
@@ -179,7 +228,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
                 s_med, s_sp, s_rep, s_extra = measure(lambda: bal_bce_forward(
                     x, scaled, label_a=target.label_a, label_b=target.label_b, lam=LAM, smoothing=SMOOTHING, config=cfg))
                 s_extra["fraction_of_copy"] = cp_med / s_med
-                rows.append(row(f"fused kernel, launch {'x'.join(map(str, cfg))} (BLOCK_N x BLOCK_C x warps)", "triton",
+                rows.append(row(f"fused kernel, launch {'x'.join(map(str, cfg))} (BLOCK x warps)", "triton",
                                 s_med, s_sp, s_rep, s_extra, "copy (logits.clone)", cp_med / s_med))
     else:
         reason = "needs CUDA (Triton interpreter timings are meaningless)"
@@ -198,7 +247,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     compile_state: Dict[str, object] = {}
     if quick and device.type != "cuda":
         compile_state["skip"] = "skipped in --quick on CPU (Inductor's C++ compilation takes tens of seconds per shape)"
-    rows: List[Row] = []
+    rows: List[Row] = [sass_row(device)]
     for dtype in DTYPES:
         for c in CLASSES:
             rows += _case(c, dtype, device, quick, compile_state)
