@@ -95,3 +95,17 @@ def test_train_csv_has_img_s_mfu_and_loader_wait(tmp_path, monkeypatch):
         assert float(r["img_s"]) == pytest.approx(100.0)  # 200 images in 2 s
         assert float(r["mfu"]) == pytest.approx(100.0 * 2e9 / 1e12)
         assert float(r["data_wait"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("name", ["imagenet_lt/mgp", "inat18/mgp", "places_lt/mgp", "imagenet_lt/bft", "inat18/bft",
+                                  "places_lt/bft", "imagenet_lt/bft_vitl_384", "inat18/bft_vitl_384"])
+def test_config_micro_batches_fit_an_80gb_gpu_by_the_estimate(name):
+    from pathlib import Path
+
+    cfg = load_config(TrainConfig, Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    stage = "mgp" if name.endswith("mgp") else "bft"
+    cost = cost_from_config(cfg, stage, num_classes=8142)  # iNat18's classes: the largest head
+    estimate = cost.memory_gb(cfg.data.batch_size)
+    assert estimate < 0.75 * 80, estimate  # a quarter of the card left for the allocator, workspaces, the loader
+    if stage == "mgp":  # sized up from 64: the micro-batch uses the card, accumulation only where it must
+        assert cfg.data.batch_size >= 512 and estimate > 0.1 * 80

@@ -71,14 +71,17 @@ def mgp_cost(arch: str = "vit_base", img_size: int = 224, patch_size: int = 16, 
 
 
 def bft_cost(arch: str = "vit_base", img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-             num_classes: int = 1000, embed_dim: int = 0, depth: int = 0, num_heads: int = 0) -> StepCost:
-    """Cost of one BFT image (the classifier on 1 + L tokens, forward + backward)."""
+             num_classes: int = 1000, embed_dim: int = 0, depth: int = 0, num_heads: int = 0,
+             checkpointing: bool = False) -> StepCost:
+    """Cost of one BFT image (the classifier on 1 + L tokens, forward + backward). With activation ``checkpointing``
+    autograd keeps each block's bf16 input (2·D bytes per token) plus one block's activations while it recomputes."""
     spec = arch_spec(arch, embed_dim, depth, num_heads)
     d, n_blocks = spec["embed_dim"], spec["depth"]
     length = (img_size // patch_size) ** 2
     patch_dim = patch_size * patch_size * in_chans
     flops = 2.0 * length * patch_dim * d + block_flops(1 + length, d, n_blocks) + 2.0 * d * num_classes
-    act = ACT_BYTES_PER_TOKEN_DIM * (1 + length) * d * n_blocks + 4 * length * patch_dim
+    per_block = ACT_BYTES_PER_TOKEN_DIM * (1 + length) * d
+    act = (2 * (1 + length) * d * n_blocks + per_block if checkpointing else per_block * n_blocks) + 4 * length * patch_dim
     params = vit_params(1 + length, d, n_blocks, patch_dim) + d * num_classes + num_classes
     return StepCost(flops, float(act), params)
 
@@ -91,7 +94,7 @@ def cost_from_config(cfg: Any, stage: str, num_classes: int = 0) -> StepCost:
     if stage == "mgp":
         return mgp_cost(mask_ratio=m.mask_ratio, decoder_dim=m.decoder_embed_dim, decoder_depth=m.decoder_depth,
                         **common)
-    return bft_cost(num_classes=m.num_classes or num_classes, **common)
+    return bft_cost(num_classes=m.num_classes or num_classes, checkpointing=m.grad_checkpointing, **common)
 
 
 __all__ = ["StepCost", "block_flops", "bft_cost", "cost_from_config", "mgp_cost"]
