@@ -149,3 +149,24 @@ def test_deepspeed_zero2_compiled_trains_without_graph_breaks():
     assert report["fused"]  # the torch AdamW DeepSpeed steps is the fused one
     losses = report["losses"]
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_bench_imports_without_ffcv_dali_deepspeed_xformers():
+    """A GPU server here has none of them: every bench part and the engine import, and the DeepSpeed part says why."""
+    code = """
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in ('ffcv', 'deepspeed', 'xformers') or name.startswith('nvidia.dali'):
+            raise ImportError(f'{name} is not installed (blocked)')
+sys.meta_path.insert(0, Block())
+import importlib
+for part in ('cli', 'common', 'data', 'attention', 'model', 'loss', 'step', 'compiled', 'deepspeed'):
+    importlib.import_module('fastlivt.bench.' + part)
+import fastlivt.engine.loop, fastlivt.engine.torch_runtime, fastlivt.engine.ds_runtime, fastlivt.data
+print('imports ok')
+"""
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stdout[-3000:]

@@ -153,3 +153,14 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
                         unit="img/s", median=ips, spread=spread, repeats=repeats, baseline="eager",
                         ratio=ips / eager_ips if eager_ips else None, extra=extra))
     return rows
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    """``fastlivt bench compiled``: the MGP and BFT steps, eager vs compiled, with MFU (the GPU check's core rows)."""
+    cuda = device.type == "cuda"
+    rows = [peak_row("compiled", device, torch.bfloat16 if cuda else torch.float32)]
+    rows += mgp_rows("vit_base" if cuda else "vit_small", quick, device)
+    rows += [r for r in bft_rows(quick, device) if r.name != "GEMM peak (MFU denominator)"]
+    for r in rows:
+        r.part = "compiled"
+    return rows
