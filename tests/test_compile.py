@@ -75,6 +75,8 @@ def test_auto_is_off_on_cpu_on_on_cuda_and_refuses_zero3():
         runtime(compile="maybe")
     assert resolve_compile(True, "default", torch.device("cpu")).enabled  # YAML's bare `on`
     assert not resolve_compile(False, "default", torch.device("cuda")).enabled
+    rt = TorchRuntime(load_config(TrainConfig, None, ["run.device=cpu", "run.compile=on", "run.compile_mode=max-autotune"]))
+    assert rt.compile.enabled and rt.compile.mode == "max-autotune"  # passed through to Inductor
     with pytest.raises(ConfigError, match="run.compile_mode: .*'fastest'"):
         TorchRuntime(load_config(TrainConfig, None, ["run.device=cpu", "run.compile=on", "run.compile_mode=fastest"]))
 
