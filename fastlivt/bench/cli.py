@@ -42,7 +42,13 @@ def run_parts(parts: List[str], quick: bool, device, out: Optional[Path] = None)
         log.info("bench %s (%s) ...", part, "quick" if quick else "full")
         try:
             module = importlib.import_module(f"fastlivt.bench.{part}")
-            rows += module.run(quick=quick, device=device)
+            if hasattr(module, "run_chunks"):  # a part that yields its rows group by group: each is written at once
+                for chunk in module.run_chunks(quick=quick, device=device):
+                    rows += chunk
+                    if out is not None:
+                        write_results(rows, out, device)
+            else:
+                rows += module.run(quick=quick, device=device)
         except Exception as e:  # a crashed part is reported as such, loudly, never skipped
             traceback.print_exc()
             rows.append(Row(part=part, name="(whole part)", backend="-", device=device_name(device),
