@@ -17,7 +17,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTE
 START=$SECONDS
 step() {  # step NAME TIMEOUT_S CMD... : run, tee the full log, say how it ended; never abort the script
     local name=$1 limit=$2; shift 2
-    echo "=== [$((SECONDS - START)) s] $name (limit ${limit} s): $*" | tee -a "$OUT/summary.txt"
+    local cmd="$*"
+    echo "=== [$((SECONDS - START)) s] $name (limit ${limit} s): ${cmd:0:100}" | tee -a "$OUT/summary.txt"
     timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
     local rc=$?
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "    $name: TIMED OUT after ${limit} s (rows so far kept)" | tee -a "$OUT/summary.txt"
@@ -30,7 +31,7 @@ bench() {  # bench PART TIMEOUT_S [ARGS...]
 }
 
 # 1. environment and GEMM peak
-step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
+step env 80 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
 python3 - <<PY
 import torch, triton, timm, torchvision
 from fastlivt.bench.common import gemm_peak_flops
