@@ -127,6 +127,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: str = "bf16"  # bf16 | fp32  (bf16 autocast on CUDA; on CPU only with cpu_bf16)
     cpu_bf16: bool = False  # with amp=bf16, autocast on CPU too (plain engine; fast on CPUs with AVX512-BF16 or AMX)
+    compile: Union[str, bool] = "auto"  # auto | on | off (YAML reads on/off as true/false: both accepted); torch.compile
+    # per block + patch embed/head/loss; auto = on CUDA only
+    compile_mode: str = "default"  # Inductor mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     ckpt_every_steps: int = 0  # 0 = only at each epoch end
     eval_every: int = 1  # epochs
     vis_every: int = 20  # epochs between reconstruction grids (MGP)

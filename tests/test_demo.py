@@ -29,7 +29,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
     assert set(res["results"]) == {"ce", "bal_bce"}
     for loss, m in res["results"].items():
         assert m["num_samples"] == 10000
-        assert 0.0 <= m["overall"] <= 100.0 and 0.0 <= m["ece"] <= 100.0 and m["mce"] >= m["ece"]
+        assert 0.0 <= m["overall"] <= 100.0 and 0.0 <= m["ece"] <= 100.0 and m["mce"] >= m["ece"] - 1e-9  # equal (1 ulp apart) when one bin holds every prediction
         acc = m["per_class_accuracy"]
         assert len(acc) == 10 and all(0.0 <= a <= 100.0 for a in acc if not math.isnan(a))
         # overall top-1 on a balanced test set is the mean of the per-class accuracies

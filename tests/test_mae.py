@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from fastlivt.config import ModelConfig
-from fastlivt.models.mae import (MaskedAutoencoderViT, build_mae, patchify, random_masking, reconstruction_grid,
-                                 sincos_pos_embed, unpatchify)
+from fastlivt.models.mae import MaskedAutoencoderViT, build_mae, patchify, random_masking, sincos_pos_embed, unpatchify
+from fastlivt.models.mae_vis import reconstruction_grid
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 

@@ -1,4 +1,4 @@
-"""``fastlivt bench all | data | attention | model | loss | step | deepspeed`` — the throughput harness.
+"""``fastlivt bench all | data | attention | model | loss | step | compiled | deepspeed`` — the throughput harness.
 
 Every part measures its comparison and its baseline in the same process run. Results go to
 ``<out>/bench-<date>-<device>.{json,md,png}``: one row per measurement with device, backend, shapes, dtype, median and
@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-PARTS = ["data", "attention", "model", "loss", "step", "deepspeed"]
+PARTS = ["data", "attention", "model", "loss", "step", "compiled", "deepspeed"]
 
 
 def _device(name: str):
@@ -42,7 +42,13 @@ def run_parts(parts: List[str], quick: bool, device, out: Optional[Path] = None)
         log.info("bench %s (%s) ...", part, "quick" if quick else "full")
         try:
             module = importlib.import_module(f"fastlivt.bench.{part}")
-            rows += module.run(quick=quick, device=device)
+            if hasattr(module, "run_chunks"):  # a part that yields its rows group by group: each is written at once
+                for chunk in module.run_chunks(quick=quick, device=device):
+                    rows += chunk
+                    if out is not None:
+                        write_results(rows, out, device)
+            else:
+                rows += module.run(quick=quick, device=device)
         except Exception as e:  # a crashed part is reported as such, loudly, never skipped
             traceback.print_exc()
             rows.append(Row(part=part, name="(whole part)", backend="-", device=device_name(device),
@@ -121,7 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = ap.parse_args(argv)
     device = _device(args.device)
-    parts = PARTS if args.part == "all" else [args.part]
+    parts = [p for p in PARTS if p != "compiled"] if args.part == "all" else [args.part]  # model/step hold its rows
     rows = run_parts(parts, args.quick, device, Path(args.out))
     stem = write_results(rows, Path(args.out), device)
     print(to_markdown(rows, f"fastlivt bench {args.part} ({device})"))

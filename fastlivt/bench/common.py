@@ -65,3 +65,46 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeat
 
 def unavailable(part: str, name: str, backend: str, device: torch.device, reason: str, **kw) -> Row:
     return Row(part=part, name=name, backend=backend, device=device_name(device), unavailable=reason, **kw)
+
+
+_PEAKS: Dict[Tuple[str, torch.dtype], float] = {}
+
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The best dense GEMM rate (FLOP/s) of ``device`` in ``dtype``, measured here once per process: the MFU
+    denominator, so that MFU compares against what this device really reaches in this run (a CPU row is a ratio too).
+    CUDA: 8192³ (16 384³ is no faster on H100/H200); CPU: 1024³."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n, repeats = (8192, 10) if device.type == "cuda" else (1024, 5)
+        g = torch.Generator(device=device).manual_seed(0)  # private: the global RNG streams stay untouched
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        for _ in range(2):
+            a @ b
+        sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        _PEAKS[key] = 2.0 * n ** 3 / best
+        del a, b
+    return _PEAKS[key]
+
+
+def mfu_extra(img_per_s: float, flops_per_image: float, peak_flops: float) -> Dict[str, float]:
+    """The MFU fields of a row: model GFLOP per image, achieved TFLOP/s, the GEMM peak and ``mfu`` (a fraction)."""
+    achieved = img_per_s * flops_per_image
+    return {"model_gflop_per_img": round(flops_per_image / 1e9, 4), "achieved_tflops": round(achieved / 1e12, 4),
+            "gemm_peak_tflops": round(peak_flops / 1e12, 4), "mfu": round(achieved / peak_flops, 4)}
+
+
+def peak_row(part: str, device: torch.device, dtype: torch.dtype) -> Row:
+    """The GEMM peak used as this part's MFU denominator, as a row of its own."""
+    peak = gemm_peak_flops(device, dtype)
+    n = 8192 if device.type == "cuda" else 1024
+    return Row(part=part, name="GEMM peak (MFU denominator)", backend="torch.matmul", device=device_name(device),
+               shape=f"{n}x{n}x{n}", dtype=str(dtype).replace("torch.", ""), unit="TFLOP/s", median=peak / 1e12,
+               repeats=10 if device.type == "cuda" else 5, extra={"best_of_repeats": True})

@@ -58,6 +58,7 @@ def _measure(ckpt: bool, zero3: bool, quick: bool, device: torch.device) -> Dict
     cfg.data.batch_size, cfg.optim.accum_iter, cfg.optim.clip_grad = MICRO, 1, None
     cfg.run.device, cfg.run.amp = "cuda", "bf16"
     cfg.model.grad_checkpointing = ckpt
+    cfg.run.compile = "off"  # ZeRO-3 cannot compile; the plain-PyTorch rows stay comparable (compiled: bench compiled)
     if not zero3:
         cfg.deepspeed = None
     rt = DeepSpeedRuntime(cfg) if zero3 else TorchRuntime(cfg)
@@ -113,15 +114,22 @@ def run(quick: bool, device: torch.device) -> List[Row]:
                             dtype="bf16") for z in (True, False) for c in (False, True)]
     # ZeRO-3 with checkpointing is compared with ZeRO-3 without; the plain-PyTorch rows (same step, torch AdamW, no
     # DeepSpeed) show what ZeRO-3 itself costs in a world of one, and are compared with ZeRO-3 at the same setting.
-    results = {(z, c): _measure(c, z, quick, device) for z in (True, False) for c in (False, True)}
-    rows = []
+    try:
+        import deepspeed  # noqa: F401
+        missing = None
+    except Exception as e:  # e.g. a GPU server without DeepSpeed: the plain-PyTorch rows still run
+        missing = f"DeepSpeed does not import ({type(e).__name__}: {e})"
+    rows = [unavailable(PART, _name(c, True), "deepspeed-zero3", device, missing, shape=shape, dtype="bf16")
+            for c in (False, True)] if missing else []
+    results = {(z, c): _measure(c, z, quick, device) for z in ((False,) if missing else (True, False))
+               for c in (False, True)}
     for (zero3, ckpt), r in results.items():
         base_key = (True, False) if zero3 and ckpt else ((True, ckpt) if not zero3 else None)
-        base = results[base_key] if base_key else None
+        base = results.get(base_key) if base_key else None
         rows.append(Row(part=PART, name=_name(ckpt, zero3), backend="deepspeed-zero3" if zero3 else "torch",
                         device=device_name(device), shape=shape, dtype="bf16", unit="img/s", median=r["ips"],
                         spread=r["ips_spread"], repeats=r["repeats"],
-                        baseline=_name(base_key[1], base_key[0]) if base_key else "",
+                        baseline=_name(base_key[1], base_key[0]) if base else "",
                         ratio=r["ips"] / base["ips"] if base else None,
                         extra={"peak_mem_gb": round(r["peak_gb"], 2), "reserved_gb": round(r["reserved_gb"], 2),
                                "step_ms": round(r["ms"], 1), **r["phases"], "target_peak_gb": TARGET_GB,

@@ -10,6 +10,13 @@
 On CUDA: ViT-B/16 for part 1 and batch 256 (128 for ViT-L) in bf16 autocast for part 2, with images/s and the peak
 memory (``torch.cuda.max_memory_allocated``) per backend; on CPU: ViT-S for part 1 and small batches, backend ``sdpa``
 for part 2 (``math`` as well in full mode).
+
+3. The visible-only MGP step eager against ``torch.compile`` (``run.compile``'s per-block regions), ViT-B/16 at
+   batch 256 on CUDA (ViT-S, batch 8, fp32 on CPU; full mode only there — compiling takes minutes on 2 cores).
+
+Every MGP step row carries its MFU: model FLOPs per image (:func:`fastlivt.models.cost.mgp_cost`, visible-only
+encoder + decoder, x3 for forward + backward) x images/s over the GEMM peak measured in this run on this device and
+dtype (``extra.mfu``, a fraction); compiled rows add ``extra.graph_breaks``.
 """
 from __future__ import annotations
 
@@ -20,9 +27,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fastlivt.bench.common import Row, device_name, sync, time_fn, unavailable
+from fastlivt.bench.common import Row, device_name, gemm_peak_flops, mfu_extra, peak_row, sync, time_fn, unavailable
 from fastlivt.logs import get_logger
 from fastlivt.models.attention import AttentionBackendError, resolve_backend, set_attention_backend
+from fastlivt.models.cost import mgp_cost
 from fastlivt.models.mae import MaskedAutoencoderViT
 from fastlivt.models.vit import arch_spec
 
@@ -184,6 +192,8 @@ def mgp_step_rows(arch: str, quick: bool, device: torch.device, backends: List[s
             rows.append(unavailable("model", name, backend, device, f"out of memory at batch {batch}", shape=shape))
             continue
         extra = {"predicted_ratio": predicted_ratio(arch), "img_per_s": batch / (vis["median"] * 1e-3)}
+        extra.update(mfu_extra(extra["img_per_s"], mgp_cost(arch, mask_ratio=MASK).train_flops,
+                               gemm_peak_flops(device, torch.bfloat16 if cuda else torch.float32)))
         if full is not None:
             extra["all_tokens_ms"] = full["median"]
             extra["all_tokens_img_per_s"] = batch / (full["median"] * 1e-3)
@@ -255,6 +265,13 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     _built.clear()
     if cuda:
         rows += throughput_rows(rows)
+    rows.insert(0, peak_row("model", device, torch.bfloat16 if cuda else torch.float32))
+    if cuda or not quick:
+        from fastlivt.bench.compiled import mgp_rows
+
+        rows += mgp_rows("vit_base" if cuda else "vit_small", quick, device)
+    else:
+        log.info("bench model (quick, CPU): compiled MGP step skipped; `fastlivt bench step` has the compiled demo step")
     return rows
 
 

@@ -7,6 +7,8 @@ the loss backends measured in the same run (the fused Triton kernel where it can
 Data: on CPU the Fashion-MNIST-LT demo split (converted into a temporary directory, 32 px, ViT-T/4) read through
 ``build_loader``; where no converter/loader backend can run (e.g. a GPU server without FFCV and DALI) the loader phase
 is a row ``unavailable: <reason>`` and the other phases run on synthetic batches of the same shape.
+
+Then the whole step eager against torch.compile, with MFU: :func:`fastlivt.bench.compiled.bft_rows`.
 """
 from __future__ import annotations
 
@@ -166,4 +168,6 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         rows.append(Row(part="step", name="whole BFT step", backend="loss=triton", device=dev, shape=shape,
                         unavailable="needs CUDA (the Triton interpreter on CPU is a correctness tool, not a speed one)"))
     tmp.cleanup()
-    return rows
+    from fastlivt.bench.compiled import bft_rows
+
+    return rows + bft_rows(quick, device)

@@ -25,8 +25,10 @@ import torch
 from torch import nn
 
 from fastlivt.config import ConfigError, TrainConfig
+from fastlivt.engine.optim import build_adamw
 from fastlivt.engine.runtime import Runtime
 from fastlivt.logs import get_logger
+from fastlivt.models.compile import CompileChoice, compile_model, resolve_compile
 
 log = get_logger(__name__)
 
@@ -197,6 +199,8 @@ class DeepSpeedRuntime(Runtime):
         self.accum_steps = self.ds_config["gradient_accumulation_steps"]
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         self.bf16 = bool(self.ds_config["torch_autocast"]["enabled"])
+        self.compile: CompileChoice = resolve_compile(cfg.run.compile, cfg.run.compile_mode, self.device,
+                                                      self.zero_stage, error=ConfigError)
         self.engine: Any = None
         log.info("DeepSpeed runtime: rank %d/%d on %s, ZeRO-%d, %s, micro %d x accum %d x world %d = %d",
                  self.rank, self.world, self.device, self.zero_stage, "bf16" if self.bf16 else "fp32",
@@ -205,14 +209,16 @@ class DeepSpeedRuntime(Runtime):
 
     # ----------------------------------------------------------------------------------------------- training
     def prepare(self, model: nn.Module, param_groups: List[Dict[str, Any]], lr: float, betas, weight_decay: float) -> nn.Module:
-        """``deepspeed.initialize`` with a torch AdamW over ``param_groups`` (their ``lr_scale`` kept); returns the engine."""
+        """``deepspeed.initialize`` with a torch AdamW over ``param_groups`` (their ``lr_scale`` kept; fused where torch has
+        it for the device), the model's blocks compiled first when ``run.compile`` says so; returns the engine."""
         import deepspeed
 
         if self.cfg.model.grad_checkpointing:
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        compile_model(model, self.compile)  # per block, in place (ZeRO-3 was refused in resolve_compile)
+        optimizer = build_adamw(param_groups, lr, betas, weight_decay, self.device)  # torch's, fused where it can
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)
         return self.engine

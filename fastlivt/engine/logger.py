@@ -1,4 +1,8 @@
-"""Training logs: a tqdm bar (loss, lr, images/s), CSV files and TensorBoard, written by rank 0 only.
+"""Training logs: a tqdm bar (loss, lr, images/s, MFU, loader wait), CSV files and TensorBoard, written by rank 0 only.
+
+Each training row carries ``img_s`` (all ranks together), ``mfu`` (model FLOPs per image x img/s over world x the
+GEMM peak measured on this device at start; :func:`mfu_reference`) and ``data_wait``, the fraction of the wall time
+since the last row that the loop spent waiting for the loader's next batch (:meth:`TrainLogger.timed`).
 
 ``<out>/train.csv`` gets one row every ``log_every`` optimizer steps, ``<out>/eval.csv`` one row per evaluation, and
 ``<out>/tb/`` the same scalars for TensorBoard. On ``--resume`` the CSV rows logged after the checkpoint's step (by the
@@ -10,7 +14,7 @@ import csv
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from fastlivt.logs import get_logger
 
@@ -54,11 +58,14 @@ class TrainLogger:
     counters used for images/s (``images`` seen since the last log line and the time it was written)."""
 
     def __init__(self, out: str | Path, enabled: bool, total_steps: int, start_step: int, desc: str,
-                 progress: bool = True, tensorboard: bool = True, resume: bool = False):
+                 progress: bool = True, tensorboard: bool = True, resume: bool = False, flops_per_image: float = 0.0,
+                 peak_flops: float = 0.0, world: int = 1):
         self.enabled = enabled
         self.bar = None
         self.tb = None
         self.images = 0
+        self.wait_s = 0.0  # time spent in the loader's next() since the last row
+        self.flops_per_image, self.peak_flops, self.world = flops_per_image, peak_flops, world
         self.t0 = time.perf_counter()
         if not enabled:
             return
@@ -83,6 +90,18 @@ class TrainLogger:
         """Add ``images`` (all ranks together) to the images/s counter."""
         self.images += images
 
+    def timed(self, loader: Iterable) -> Iterator:
+        """Iterate ``loader``, adding the time each ``next()`` takes to the loader-wait counter."""
+        it = iter(loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.wait_s += time.perf_counter() - t0
+            yield item
+
     def step(self, step: int, scalars: Dict[str, float], write: bool) -> Dict[str, float]:
         """Advance the bar to optimizer step ``step``; when ``write``, add img/s and write CSV/TensorBoard."""
         if not self.enabled:
@@ -93,11 +112,16 @@ class TrainLogger:
             return scalars
         now = time.perf_counter()
         row = dict(scalars)
-        row["img_s"] = self.images / max(now - self.t0, 1e-9)
-        self.images, self.t0 = 0, now
+        elapsed = max(now - self.t0, 1e-9)
+        row["img_s"] = self.images / elapsed
+        if self.flops_per_image > 0 and self.peak_flops > 0:
+            row["mfu"] = row["img_s"] * self.flops_per_image / (self.world * self.peak_flops)
+        row["data_wait"] = min(self.wait_s / elapsed, 1.0)
+        self.images, self.wait_s, self.t0 = 0, 0.0, now
         if self.bar is not None:
+            extra = {"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}
             self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row.get('lr', 0.0):.2e}",
-                                 img_s=f"{row['img_s']:.0f}")
+                                 img_s=f"{row['img_s']:.0f}", **extra, wait=f"{row['data_wait']:.0%}")
         self.train_csv.write({"step": step, **row})
         if self.tb is not None:
             for k, v in row.items():
@@ -125,3 +149,20 @@ class TrainLogger:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+
+
+def mfu_reference(cfg: Any, stage: str, num_classes: int, device: Any, bf16: bool, enabled: bool = True) -> Dict[str, Any]:
+    """TrainLogger's MFU inputs: ``flops_per_image`` (training FLOPs of the configured model, forward + backward) and
+    ``peak_flops`` (the dense GEMM rate measured now on ``device`` in the compute dtype). Rank 0 only (``enabled``)."""
+    if not enabled:
+        return {}
+    import torch
+
+    from fastlivt.bench.common import gemm_peak_flops
+    from fastlivt.models.cost import cost_from_config
+
+    flops = cost_from_config(cfg, stage, num_classes).train_flops
+    peak = gemm_peak_flops(torch.device(device), torch.bfloat16 if bf16 else torch.float32)
+    log.info("MFU reference: %.3g GFLOP per training image (%s), GEMM peak %.3g TFLOP/s on %s (%s)", flops / 1e9,
+             stage, peak / 1e12, device, "bf16" if bf16 else "fp32")
+    return {"flops_per_image": flops, "peak_flops": peak}

@@ -31,7 +31,7 @@ from torch import nn
 from fastlivt.config import TrainConfig, save_config, to_dict
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine import elastic
-from fastlivt.engine.logger import TrainLogger
+from fastlivt.engine.logger import TrainLogger, mfu_reference
 from fastlivt.engine.optim import param_groups, peak_lr
 from fastlivt.engine.runtime import Runtime
 from fastlivt.engine.schedule import WarmupCosine
@@ -164,7 +164,9 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
     ckpt.seed_everything(cfg.run.seed + runtime.rank)  # masks, drop path and mixup differ across ranks
 
     logger_args = dict(enabled=runtime.is_main, total_steps=schedule.total_steps, desc=task.name.upper(),
-                       progress=cfg.run.progress, tensorboard=cfg.run.tensorboard)
+                       progress=cfg.run.progress, tensorboard=cfg.run.tensorboard, world=runtime.world,
+                       **mfu_reference(cfg, task.name, manifest.num_classes, runtime.device,
+                                       bool(getattr(runtime, "bf16", False)), runtime.is_main))
     run = Run(cfg, runtime, model, loader, schedule, None, out, manifest_sha256, make_loader)  # type: ignore[arg-type]
     task.setup(run)
 
@@ -229,7 +231,7 @@ def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: Loade
         if pending_rng is not None and consumed == 0:
             ckpt.restore_rng(pending_rng)
             pending_rng = None
-        for images, labels in loader:
+        for images, labels in run.logger.timed(loader):  # times the wait for each batch (train.csv data_wait)
             if pending_rng is not None:
                 ckpt.restore_rng(pending_rng)
                 pending_rng = None

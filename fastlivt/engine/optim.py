@@ -7,10 +7,16 @@
   embeddings and the class token are layer 0, ``blocks.i`` is layer i+1, the head (fc_norm, head) is layer L+1, and a
   group's ``lr_scale`` is ``layer_decay ** (L + 1 - layer)`` — exactly MAE's ``param_groups_lrd``.
 - Every group carries ``lr_scale`` (1.0 without layer decay): :meth:`Runtime.set_lr` multiplies the schedule by it.
+- :func:`build_adamw` is the one AdamW both runtimes train with: torch's fused kernel (one launch for all tensors)
+  wherever this torch has it for the device — CUDA, and CPU since torch 2.4 — probed once; else the foreach path,
+  with the reason logged. (Under DeepSpeed it is this torch optimizer, never DeepSpeed's compiled FusedAdam op.)
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Set
+import functools
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
 
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
@@ -59,3 +65,25 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
     log.info("%d parameter groups, %.2fM parameters (%.2fM with weight decay %g)%s", len(groups), n_all / 1e6,
              n_decay / 1e6, weight_decay, f", layer decay {layer_decay}" if layer_decay is not None else "")
     return groups
+
+
+@functools.lru_cache(maxsize=None)
+def fused_adamw_status(device_type: str) -> Tuple[bool, str]:
+    """(usable, reason): whether ``torch.optim.AdamW(fused=True)`` steps on ``device_type`` (probed once)."""
+    try:
+        p = torch.zeros(4, device=device_type, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], lr=1e-3, fused=True).step()
+    except Exception as e:  # RuntimeError/NotImplementedError from a torch without the kernel for this device
+        first = str(e).splitlines()[0] if str(e) else ""
+        return False, f"torch {torch.__version__} has no fused AdamW on {device_type} ({type(e).__name__}: {first})"
+    return True, f"torch {torch.__version__} fused AdamW on {device_type}"
+
+
+def build_adamw(groups: List[Dict[str, Any]], lr: float, betas: Sequence[float], weight_decay: float,
+                device: torch.device) -> torch.optim.AdamW:
+    """AdamW over ``groups`` for parameters that train on ``device``: fused where torch has it, else foreach."""
+    ok, why = fused_adamw_status(torch.device(device).type)
+    kind = {"fused": True} if ok else {"foreach": True}
+    log.info("optimizer: AdamW (%s): %s", "fused" if ok else "foreach", why)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kind)

@@ -81,7 +81,7 @@ class MGPTask:
         every, last = run.cfg.run.vis_every, epoch + 1 == run.cfg.run.epochs
         if self.vis_images is None or not (last or (every > 0 and (epoch + 1) % every == 0)):
             return
-        from fastlivt.models.mae import reconstruction_grid
+        from fastlivt.models.mae_vis import reconstruction_grid
 
         model = run.runtime.unwrap()
         with gathered_params(run, model):

@@ -25,8 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.checkpoint import safe_load
+from fastlivt.engine.optim import build_adamw
 from fastlivt.engine.runtime import Runtime
 from fastlivt.logs import get_logger
+from fastlivt.models.compile import CompileChoice, compile_model, resolve_compile
 
 log = get_logger(__name__)
 
@@ -89,6 +91,7 @@ class TorchRuntime(Runtime):
         self.accum_steps = cfg.optim.accum_iter
         self.clip_grad: Optional[float] = cfg.optim.clip_grad
         self.grad_checkpointing = cfg.model.grad_checkpointing
+        self.compile: CompileChoice = resolve_compile(cfg.run.compile, cfg.run.compile_mode, self.device, error=ConfigError)
         self.model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.micro_steps = 0
@@ -102,11 +105,12 @@ class TorchRuntime(Runtime):
                 raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
             model.set_grad_checkpointing(True)
         model.to(self.device)
+        compile_model(model, self.compile)  # in place, per block: DDP below wraps the compiled model as usual
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(model, device_ids=ids)
         self.model = model
-        self._optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+        self._optimizer = build_adamw(param_groups, lr, betas, weight_decay, self.device)
         return model
 
     def _ends_cycle(self) -> bool:

@@ -118,9 +118,14 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 def _low_precision_cpu(requested: str, chosen: str, q: torch.Tensor) -> str:
     """``auto`` on CPU with bf16/fp16 inputs (CPU autocast) means ``math``; anything else stays ``chosen``."""
-    if requested == "auto" and chosen == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        _log_once(("auto-cpu-low", q.dtype), "attention backend auto -> math for %s on cpu: PyTorch's CPU SDPA is slow "
-                  "in reduced precision", q.dtype)
+    return _low_precision_choice(requested, chosen, q.device.type, q.dtype)
+
+
+@torch.compiler.assume_constant_result  # a constant of the traced graph (its log line is no graph break)
+def _low_precision_choice(requested: str, chosen: str, device_type: str, dtype: torch.dtype) -> str:
+    if requested == "auto" and chosen == "sdpa" and device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        _log_once(("auto-cpu-low", dtype), "attention backend auto -> math for %s on cpu: PyTorch's CPU SDPA is slow "
+                  "in reduced precision", dtype)
         return "math"
     return chosen
 

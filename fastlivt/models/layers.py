@@ -1,4 +1,4 @@
-"""timm layers with one CPU-specific adjustment for bf16 autocast (``run.cpu_bf16``).
+"""timm layers with one CPU-specific adjustment for bf16 autocast (``run.cpu_bf16``), and :func:`compute_dtype`.
 
 On CPU, autocast runs the patch-embedding convolution in bf16, and its backward there is pathologically slow (on a
 2-core AVX512-BF16 machine, 0.94 s per step for the demo ViT's 4×4 patch conv — 60 % of the whole step, against
@@ -19,3 +19,15 @@ class PatchEmbed(TimmPatchEmbed):
             with torch.autocast("cpu", enabled=False):
                 return super().forward(x.float())
         return super().forward(x)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype activations on ``x``'s device compute in: autocast's dtype when autocast is on there, else ``x``'s.
+
+    Positions, class and mask tokens are cast to it before they are added, so that under bf16 autocast the residual
+    stream stays bf16 (an fp32 parameter added to bf16 activations would promote every block's stream to fp32).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 from timm.layers import LayerNorm
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
@@ -25,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastlivt.models.attention import attention_layer, check_backend_name
-from fastlivt.models.layers import PatchEmbed
+from fastlivt.models.layers import PatchEmbed, compute_dtype
 from fastlivt.models.vit import DECODER_PREFIXES, ENCODER_PREFIXES, arch_spec
 
 
@@ -97,6 +96,27 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: Optional[torch.Ten
     return x_visible, mask, ids_restore
 
 
+class MaskedPatchMSE(nn.Module):
+    """MAE's loss: per-patch MSE between predictions and the (optionally per-patch normalised) pixels of ``imgs``,
+    averaged over the removed patches (mask 1). A module of its own so that it is one compiled region: Inductor fuses
+    patchify, normalisation, the upcast of bf16 predictions, the square and the masked mean into one pass."""
+
+    def __init__(self, patch_size: int, norm_pix_loss: bool) -> None:
+        super().__init__()
+        self.patch_size, self.norm_pix_loss = patch_size, norm_pix_loss
+
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        target = patchify(imgs, self.patch_size).float()
+        if self.norm_pix_loss:
+            var, mean = torch.var_mean(target, dim=-1, keepdim=True)
+            target = (target - mean) * torch.rsqrt(var + 1.0e-6)
+        return target
+
+    def forward(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        loss = (pred.float() - self.targets(imgs)).square().mean(dim=-1)  # [N, L], mean loss per patch
+        return (loss * mask).sum() / mask.sum()
+
+
 # --------------------------------------------------------------------------------------------------- model
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder (timm names) and a light ViT decoder; ``forward(imgs) -> (loss, pred, mask)``."""
@@ -130,6 +150,7 @@ class MaskedAutoencoderViT(nn.Module):
             for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size ** 2 * in_chans, bias=True)
+        self.loss = MaskedPatchMSE(patch_size, norm_pix_loss)  # no parameters: the state dict is unchanged
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -175,11 +196,12 @@ class MaskedAutoencoderViT(nn.Module):
         measures what running the encoder on visible tokens only saves; it is not a pretraining objective.
         """
         x = self.patch_embed(imgs)
-        x = x + self.pos_embed[:, 1:, :]
+        dtype = compute_dtype(x)  # bf16 under autocast: positions and class token join in it (no fp32 stream)
+        x = x.to(dtype) + self.pos_embed[:, 1:, :].to(dtype)
         x_visible, mask, ids_restore = random_masking(x, mask_ratio, noise)
         if visible_only:
             x = x_visible
-        cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        cls = (self.cls_token + self.pos_embed[:, :1, :]).to(dtype).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = self._run(self.blocks, x)
         return self.norm(x), mask, ids_restore
@@ -189,28 +211,21 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         if x.shape[1] - 1 < length:  # visible tokens only: append mask tokens and unshuffle
-            mask_tokens = self.mask_token.expand(n, length + 1 - x.shape[1], -1)
+            mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
             x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
             x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
             x = torch.cat([x[:, :1, :], x_], dim=1)
-        x = x + self.decoder_pos_embed
+        x = x + self.decoder_pos_embed.to(x.dtype)  # the decoder's compute dtype (bf16 under autocast)
         x = self.decoder_norm(self._run(self.decoder_blocks, x))
         return self.decoder_pred(x)[:, 1:, :]  # drop the class token
 
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
         """Per-patch regression targets [N, L, p·p·C]: pixels, or per-patch normalised pixels (``norm_pix_loss``)."""
-        target = self.patchify(imgs)
-        if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return target
+        return self.loss.targets(imgs)
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean squared error per patch, averaged over the removed patches only (mask 1)."""
-        loss = (pred.float() - self.targets(imgs).float()) ** 2
-        loss = loss.mean(dim=-1)  # [N, L], mean loss per patch
-        return (loss * mask).sum() / mask.sum()
+        return self.loss(imgs, pred, mask)
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, visible_only: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -277,48 +292,5 @@ def build_mae(model_cfg: Any) -> MaskedAutoencoderViT:
     return model
 
 
-# --------------------------------------------------------------------------------------------------- visualisation
-@torch.no_grad()
-def reconstruction_grid(model: MaskedAutoencoderViT, imgs: torch.Tensor, mean: Sequence[float], std: Sequence[float],
-                        mask_ratio: float = 0.75, max_images: int = 8, seed: int = 0) -> np.ndarray:
-    """uint8 [rows·H, 3·W, 3] image: per sample, original | masked (removed patches grey) | reconstruction.
-
-    ``imgs`` are normalised with ``mean``/``std``; the reconstruction shows the visible patches as they are and the
-    predicted ones (de-normalised with the patch's own statistics under ``norm_pix_loss``, as MAE's demo does). The
-    mask comes from a private generator seeded with ``seed``: the global RNG stream is untouched.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        imgs = imgs[:max_images].float()
-        n = imgs.shape[0]
-        noise = torch.rand(n, model.num_patches, generator=torch.Generator().manual_seed(seed)).to(imgs.device)
-        weight_dtype = model.patch_embed.proj.weight.dtype  # bf16 under DeepSpeed bf16
-        latent, mask, ids_restore = model.forward_encoder(imgs.to(weight_dtype), mask_ratio, noise=noise)
-        pred = model.forward_decoder(latent, ids_restore).float()
-        mask = mask.float()
-    finally:
-        model.train(was_training)
-    target = model.patchify(imgs)
-    if model.norm_pix_loss:
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
-    m = mask.unsqueeze(-1)
-    c = imgs.shape[1]
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=imgs.device).view(1, c, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=imgs.device).view(1, c, 1, 1)
-
-    def to_pixels(patches: torch.Tensor) -> torch.Tensor:
-        return (model.unpatchify(patches) * std_t + mean_t).clamp(0, 1)
-
-    original = to_pixels(target)
-    masked = model.unpatchify(model.patchify(original) * (1 - m) + 0.5 * m)
-    recon = to_pixels(target * (1 - m) + pred * m)
-    row = torch.cat([original, masked, recon], dim=3)  # [n, C, H, 3W]
-    if c == 1:
-        row = row.expand(-1, 3, -1, -1)
-    grid = row.permute(0, 2, 3, 1).reshape(-1, row.shape[3], 3)  # rows stacked vertically
-    return (grid * 255.0 + 0.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-
-
-__all__ = ["MaskedAutoencoderViT", "build_mae", "encoder_tensors", "patchify", "random_masking", "reconstruction_grid",
+__all__ = ["MaskedAutoencoderViT", "MaskedPatchMSE", "build_mae", "encoder_tensors", "patchify", "random_masking",
            "save_encoder", "sincos_pos_embed", "unpatchify"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from fastlivt.logs import get_logger
 from fastlivt.models.attention import attention_layer, check_backend_name
-from fastlivt.models.layers import PatchEmbed
+from fastlivt.models.layers import PatchEmbed, compute_dtype
 
 log = get_logger(__name__)
 
@@ -51,6 +51,19 @@ def arch_spec(arch: str, embed_dim: int = 0, depth: int = 0, num_heads: int = 0)
     return spec
 
 
+class ViTClassifier(VisionTransformer):
+    """timm's ``VisionTransformer`` whose class token and positions are added in the compute dtype: under bf16
+    autocast the residual stream stays bf16 (timm adds the fp32 parameters, which promotes the stream to fp32)."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size or self.no_embed_class or self.pos_embed is None:
+            return super()._pos_embed(x)
+        dtype = compute_dtype(x)
+        prefix = [t.to(dtype).expand(x.shape[0], -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        x = torch.cat(prefix + [x.to(dtype)], dim=1) if prefix else x.to(dtype)
+        return self.pos_drop(x + self.pos_embed.to(dtype))
+
+
 def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes: int = 1000, global_pool: str = "avg",
               drop_path: float = 0.0, attention: str = "auto", in_chans: int = 3, embed_dim: int = 0, depth: int = 0,
               num_heads: int = 0) -> VisionTransformer:
@@ -65,7 +78,7 @@ def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes:
     if img_size % patch_size:
         raise ValueError(f"model.img_size {img_size} is not a multiple of model.patch_size {patch_size}")
     spec = arch_spec(arch, embed_dim, depth, num_heads)
-    model = VisionTransformer(
+    model = ViTClassifier(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
         mlp_ratio=4.0, qkv_bias=True, drop_path_rate=drop_path,
         attn_layer=attention_layer(check_backend_name(attention)), embed_layer=PatchEmbed,
@@ -201,5 +214,5 @@ def load_encoder(model: VisionTransformer, source: Union[str, Path, Mapping[str,
     return report
 
 
-__all__ = ["ARCHS", "EncoderLoadError", "LoadReport", "arch_spec", "build_vit", "build_vit_from_config",
+__all__ = ["ARCHS", "EncoderLoadError", "LoadReport", "ViTClassifier", "arch_spec", "build_vit", "build_vit_from_config",
            "count_params", "interpolate_pos_embed", "load_encoder", "read_state_dict"]
