@@ -109,8 +109,7 @@ class BFTTask:
 
         cfg = run.cfg
         self.class_counts = list(run.loader.manifest.class_counts)
-        self.criterion = build_loss(cfg.loss.name, self.class_counts, tau=cfg.loss.tau, form=cfg.loss.form,
-                                    fused=cfg.loss.fused, smoothing=cfg.data.smoothing).to(run.runtime.device)
+        self.criterion = build_loss(cfg.loss, self.class_counts, smoothing=cfg.data.smoothing).to(run.runtime.device)
         self.augment = getattr(run.loader, "batch_augment", None)
         if self.augment is None and (cfg.data.mixup > 0 or cfg.data.cutmix > 0 or cfg.data.reprob > 0):
             raise ConfigError(f"data.mixup/cutmix/reprob are set but the training loader has no batch_augment")
