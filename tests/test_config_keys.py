@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import typing
-from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -203,25 +203,25 @@ def test_non_default_value_changes_what_is_built(key, env):
 
 
 def test_test_prior_changes_the_trained_bias(env):
-    """Thm 3: with a test prior π^t, Bal-BCE's bias is (log π − log π^t) − (log(1−π) − log(1−π^t)); BFT trains with it."""
+    """Thm 3: with a test prior π^t, Bal-BCE's bias is τ((log π − log π^t) − (log(1−π) − log(1−π^t))); BFT trains with
+    that bias (a short run through the loop), not with the uniform-prior one of Eq. 10."""
     from fastlivt.engine.finetune import BFTTask
 
+    losses, original = [], BFTTask.setup
+
+    def setup(self, run):
+        original(self, run)
+        losses.append(self.criterion)
+
     prior = [1.0, 1.0, 2.0, 4.0]
-    cfg = with_keys(env["train"], {"loss.test_prior": prior, "loss.tau": 1.5, "run.max_steps": 1})
-    task = BFTTask()
-    from unittest import mock
-
-    with mock.patch.object(BFTTask, "finish", lambda self, run: None):
-        import config_probes
-
-        def keep(self, run, _orig=BFTTask.setup):
-            _orig(self, run)
-            task.criterion = self.criterion
-        with mock.patch.object(BFTTask, "setup", keep):
-            config_probes.run_probe(cfg, env["manifest"])
-    pi = np.array(COUNTS, dtype=np.float64) / sum(COUNTS)
-    pt = np.array(prior) / sum(prior)
-    expected = 1.5 * ((np.log(pi) - np.log(pt)) - (np.log1p(-pi) - np.log1p(-pt)))
-    np.testing.assert_allclose(task.criterion.scaled_bias.numpy(), expected, rtol=1e-6)
+    for test_prior in (None, prior):
+        cfg = with_keys(env["train"], {"loss.test_prior": test_prior, "loss.tau": 1.5, "run.max_steps": 1})
+        with mock.patch.object(BFTTask, "setup", setup):
+            result = run_probe(cfg, env["manifest"])
+        assert result["step"] == 1, result
+    pi, pt = np.array(COUNTS) / sum(COUNTS), np.array(prior) / sum(prior)
     uniform = 1.5 * (np.log(pi) - np.log1p(-pi) + np.log(len(COUNTS) - 1))
-    assert not np.allclose(expected, uniform)
+    thm3 = 1.5 * ((np.log(pi) - np.log(pt)) - (np.log1p(-pi) - np.log1p(-pt)))
+    np.testing.assert_allclose(losses[0].scaled_bias.numpy(), uniform, rtol=1e-6)
+    np.testing.assert_allclose(losses[1].scaled_bias.numpy(), thm3, rtol=1e-6)
+    assert not np.allclose(uniform, thm3)
