@@ -8,6 +8,7 @@ file) to inherit and override another file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import typing
@@ -19,10 +20,24 @@ import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-# Every section is a pydantic dataclass (the dataclass API: attributes, dataclasses.fields/asdict/replace): values are
-# checked and converted when a section is built (YAML lists -> tuples, ints -> floats, '1e-3' -> float); an unknown
-# key is an error.
-section = dataclass(config=ConfigDict(extra="forbid"))
+
+
+def section(cls: type) -> type:
+    """A config section: a pydantic dataclass (the dataclass API: attributes, dataclasses.fields/asdict/replace) whose
+    values are checked and converted when it is built (YAML lists -> tuples, ints -> floats, '1e-3' -> float); an
+    unknown key or a bad value is a :class:`ConfigError` also when the class is called or ``dataclasses.replace``d."""
+    cls = dataclass(config=ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as e:
+            raise ConfigError(_explain(type(self), e)) from None
+
+    cls.__init__ = checked_init
+    return cls
 
 
 class ConfigError(ValueError):
@@ -210,19 +225,25 @@ def _build(cls: type, data: Any):
     try:
         return TypeAdapter(cls).validate_python(data)
     except ValidationError as e:
-        problems: Dict[str, Tuple[List[str], Any]] = {}
-        for err in e.errors(include_url=False):
-            key, what = _problem(cls, err)
-            whats = problems.setdefault(key, ([], err.get("input")))[0]
-            if what not in whats:  # a union reports each member: "expected str or a mapping"
-                whats.append(what)
-        lines = []
-        for key, (whats, value) in problems.items():
-            if whats[0].startswith("unknown key"):
-                lines.append(f"unknown key {key} ({whats[0].split('(', 1)[1]}")
-            else:
-                lines.append(f"{key}: {' or '.join(w.replace('expected ', '', i > 0) for i, w in enumerate(whats))}, got {value!r}")
-        raise ConfigError("; ".join(lines)) from None
+        raise ConfigError(_explain(cls, e)) from None
+
+
+def _explain(cls: type, e: ValidationError) -> str:
+    """pydantic's errors as one line per key: ``optim.lr: expected float, got 'fast'``."""
+    problems: Dict[str, Tuple[List[str], Any]] = {}
+    for err in e.errors(include_url=False):
+        key, what = _problem(cls, err)
+        whats = problems.setdefault(key, ([], err.get("input")))[0]
+        if what not in whats:  # a union reports each member: "expected str or a mapping"
+            whats.append(what)
+    lines = []
+    for key, (whats, value) in problems.items():
+        if whats[0].startswith("unknown key"):
+            lines.append(f"unknown key {key} ({whats[0].split('(', 1)[1]}")
+        else:
+            expected = " or ".join(w.replace("expected ", "", i > 0) for i, w in enumerate(whats))
+            lines.append(f"{key}: {expected}, got {value!r}")
+    return "; ".join(lines)
 
 
 def from_dict(cls: type, data: Dict[str, Any]):
