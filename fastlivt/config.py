@@ -2,8 +2,9 @@
 
 Every section is a dataclass; an unknown key, a value of the wrong type or a choice outside its ``Literal`` is a
 :class:`ConfigError` that names the dotted key (``optim.lr: expected float, got 'fast'``; ``loss.name: expected one
-of ce, bce, bal_ce, bal_bce, got 'focal'``), raised when the config is loaded, before any data is touched. YAML files may ``_base_: other.yaml`` (a path relative to the
-file) to inherit and override another file.
+of ce, bce, bal_ce, bal_bce, got 'focal'``), raised when the config is loaded, before any data is touched. The
+checking and conversion is pydantic's. YAML files may ``_base_: other.yaml`` (a path relative to the file) to inherit
+and override another file.
 """
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, its value has the wrong type or lies outside its choices."""
 
 
 def section(cls: type) -> type:
@@ -38,10 +42,6 @@ def section(cls: type) -> type:
 
     cls.__init__ = checked_init
     return cls
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
 
 
 # --------------------------------------------------------------------------------------------------- conversion
