@@ -1,43 +1,66 @@
 """Typed configuration: dataclasses loaded from YAML, with ``key=value`` overrides.
 
-Every section is a dataclass; an unknown key or a value of the wrong type is a :class:`ConfigError` that names the
-dotted key (``optim.lr: expected float, got 'fast'``). YAML files may ``_base_: other.yaml`` (a path relative to the
-file) to inherit and override another file.
+Every section is a dataclass; an unknown key, a value of the wrong type or a choice outside its ``Literal`` is a
+:class:`ConfigError` that names the dotted key (``optim.lr: expected float, got 'fast'``; ``loss.name: expected one
+of ce, bce, bal_ce, bal_bce, got 'focal'``), raised when the config is loaded, before any data is touched. The
+checking and conversion is pydantic's. YAML files may ``_base_: other.yaml`` (a path relative to the file) to inherit
+and override another file.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import types
+import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 
 class ConfigError(ValueError):
-    """A configuration key is unknown or its value has the wrong type."""
+    """A configuration key is unknown, its value has the wrong type or lies outside its choices."""
+
+
+def section(cls: type) -> type:
+    """A config section: a pydantic dataclass (the dataclass API: attributes, dataclasses.fields/asdict/replace) whose
+    values are checked and converted when it is built (YAML lists -> tuples, ints -> floats, '1e-3' -> float); an
+    unknown key or a bad value is a :class:`ConfigError` also when the class is called or ``dataclasses.replace``d."""
+    cls = dataclass(config=ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs) -> None:
+        try:
+            init(self, *args, **kwargs)
+        except ValidationError as e:
+            raise ConfigError(_explain(type(self), e)) from None
+
+    cls.__init__ = checked_init
+    return cls
 
 
 # --------------------------------------------------------------------------------------------------- conversion
-@dataclass
+@section
 class ConvertConfig:
     """One-time conversion of a raw dataset to FFCV and DALI formats (``fastlivt convert``)."""
 
-    source: str = "fmnist"  # imagefolder | list | inat | cifar10 | cifar100 | fmnist
+    source: Literal["imagefolder", "list", "inat", "cifar10", "cifar100", "fmnist"] = "fmnist"
     root: str = "/usr/share/datasets/fashion-mnist"
     list: Optional[str] = None  # list file (`relpath label` lines) or iNat JSON
-    split: str = "train"  # train | val | test
+    split: Literal["train", "val", "test"] = "train"
     imbalance_factor: Optional[float] = None  # G; None keeps every image
     seed: int = 0
-    formats: List[str] = field(default_factory=lambda: ["ffcv", "dali"])
+    formats: List[Literal["ffcv", "dali"]] = field(default_factory=lambda: ["ffcv", "dali"])
     out: str = "data/fmnist_lt"
-    on_error: str = "skip"  # skip | fail
+    on_error: Literal["skip", "fail"] = "skip"
     max_resolution: Optional[int] = None  # longest side after resizing; None keeps the size
     jpeg_quality: int = 90
-    write_mode: str = "jpg"  # FFCV RGBImageField write mode: jpg | raw | proportion
+    write_mode: Literal["jpg", "raw", "proportion"] = "jpg"  # FFCV RGBImageField write mode
     compress_probability: float = 0.5  # FFCV 'proportion' mode
     shard_size: int = 10000  # samples per DALI webdataset shard
     workers: int = 2  # decode/encode processes (0: decode in the main process)
@@ -45,15 +68,15 @@ class ConvertConfig:
 
 
 # --------------------------------------------------------------------------------------------------- training
-@dataclass
+@section
 class DataConfig:
     """Where the converted data is and how it is loaded."""
 
     train: str = ""  # directory holding manifest.json (+ .beton / shards) of the training split
     val: str = ""  # directory of the evaluation split
-    backend: str = "ffcv"  # ffcv | dali | torch
-    dali_device: str = "auto"  # auto | cpu | gpu  (gpu = nvJPEG 'mixed' decoding; an error without CUDA)
-    sampler: str = "instance"  # instance | class_balanced | square_root | progressive
+    backend: Literal["ffcv", "dali", "torch"] = "ffcv"
+    dali_device: Literal["auto", "cpu", "gpu"] = "auto"  # (gpu = nvJPEG 'mixed' decoding; an error without CUDA)
+    sampler: Literal["instance", "class_balanced", "square_root", "progressive"] = "instance"
     img_size: int = 224
     batch_size: int = 64  # per device (micro-batch)
     workers: int = 2
@@ -71,18 +94,18 @@ class DataConfig:
     drop_last: bool = True
 
 
-@dataclass
+@section
 class ModelConfig:
-    arch: str = "vit_base"  # vit_tiny | vit_small | vit_base | vit_large
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large"] = "vit_base"
     embed_dim: int = 0  # 0 = the arch's width; non-zero overrides it (small CPU demos)
     depth: int = 0  # 0 = the arch's number of blocks
     num_heads: int = 0  # 0 = the arch's number of heads
     in_chans: int = 3
     patch_size: int = 16
     img_size: int = 224
-    attention: str = "auto"  # auto | xformers | sdpa | math
+    attention: Literal["auto", "xformers", "sdpa", "math"] = "auto"
     drop_path: float = 0.0
-    global_pool: str = "avg"  # avg (fc_norm) | token
+    global_pool: Literal["avg", "token"] = "avg"  # avg: mean of patch tokens + fc_norm
     # MGP
     mask_ratio: float = 0.75
     norm_pix_loss: bool = True
@@ -95,7 +118,7 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
 
-@dataclass
+@section
 class OptimConfig:
     blr: float = 1.5e-4  # base lr; lr = blr * effective_batch / 256
     lr: Optional[float] = None  # absolute lr (overrides blr)
@@ -108,26 +131,26 @@ class OptimConfig:
     accum_iter: int = 1
 
 
-@dataclass
+@section
 class LossConfig:
-    name: str = "bal_bce"  # ce | bce | bal_ce | bal_bce
-    form: str = "paper"  # paper | official  (Bal-BCE bias form)
+    name: Literal["ce", "bce", "bal_ce", "bal_bce"] = "bal_bce"
+    form: Literal["paper", "official"] = "paper"  # Bal-BCE bias form
     tau: float = 1.0
-    fused: str = "auto"  # auto | triton | torch
+    fused: Literal["auto", "triton", "torch"] = "auto"
     add_log_c: bool = False  # Bal-CE: bias log(pi) + log(C) instead of log(pi)
     test_prior: Optional[List[float]] = None  # per-class test counts/probabilities (Thm 3); None = uniform
 
 
-@dataclass
+@section
 class RunConfig:
-    stage: str = "pretrain"  # pretrain | finetune
+    stage: Literal["pretrain", "finetune"] = "pretrain"
     epochs: int = 800
     out: str = "runs/default"
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    amp: str = "bf16"  # bf16 | fp32  (bf16 autocast on CUDA; on CPU only with cpu_bf16)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["bf16", "fp32"] = "bf16"  # (bf16 autocast on CUDA; on CPU only with cpu_bf16)
     cpu_bf16: bool = False  # with amp=bf16, autocast on CPU too (plain engine; fast on CPUs with AVX512-BF16 or AMX)
-    compile: Union[str, bool] = "auto"  # auto | on | off (YAML reads on/off as true/false: both accepted); torch.compile
+    compile: Union[Literal["auto", "on", "off"], bool] = "auto"  # auto | on | off (YAML reads on/off as true/false: both accepted); torch.compile
     # per block + patch embed/head/loss; auto = on CUDA only
     compile_mode: str = "default"  # Inductor mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
     ckpt_every_steps: int = 0  # 0 = only at each epoch end
@@ -140,7 +163,7 @@ class RunConfig:
     tensorboard: bool = True  # <run.out>/tb (an error if asked for and TensorBoard is missing)
 
 
-@dataclass
+@section
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -151,83 +174,79 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------- machinery
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_EXPECTED = {"int": "int", "float": "float", "bool": "bool (true/false)", "string": "str", "list": "a list",
+             "tuple": "a list", "dict": "a mapping", "dataclass": "a mapping", "none": "null"}
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and return it in that type (lists -> tuples etc.)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (tuple, Tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list of {len(args)}, got {value!r}")
-        if args and args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
-        elem = (lambda i: args[0]) if args and args[-1] is Ellipsis else (lambda i: args[i] if args else Any)
-        return tuple(_coerce(v, elem(i), f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected str, got {value!r}")
-    raise ConfigError(f"{key}: unsupported annotation {tp!r}")
+def _key(loc: Tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _build(cls: type, data: Dict[str, Any], prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]} (section {cls.__name__} has: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
+def _field_path(cls: type, loc: Tuple[Any, ...], unknown: bool) -> Tuple[Tuple[Any, ...], type, Any]:
+    """The part of pydantic's ``loc`` that names config keys (union member tags dropped), the innermost section and
+    the annotation of the last key."""
+    path: List[Any] = []
+    tp: Any = cls
+    for part in loc:
+        names = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if isinstance(part, int):
+            path.append(part)
+        elif part in names:
+            path.append(part)
+            tp = names[part]
+            if dataclasses.is_dataclass(tp):
+                cls = tp
+        elif unknown and names:  # the unknown key itself
+            path.append(part)
+            break
+        else:  # a union member's tag
+            break
+    return tuple(path), cls, tp
+
+
+def _problem(cls: type, err: Dict[str, Any]) -> Tuple[str, str]:
+    """(dotted key, what is wrong) of one pydantic error."""
+    kind, value = err["type"], err.get("input")
+    path, section, tp = _field_path(cls, err["loc"], kind == "unexpected_keyword_argument")
+    if kind == "unexpected_keyword_argument":
+        return _key(path), f"unknown key (section {section.__name__} has: {', '.join(f.name for f in dataclasses.fields(section))})"
+    if kind == "literal_error":
+        return _key(path), "expected one of " + ", ".join(re.findall(r"'([^']*)'", err["ctx"]["expected"]))
+    if kind in ("too_short", "too_long") or (kind == "missing" and path and isinstance(path[-1], int)):
+        if kind == "missing":
+            path = path[:-1]
+        n = len([a for a in typing.get_args(tp) if a is not Ellipsis]) or "more"
+        return _key(path), f"expected {n} values"
+    what = _EXPECTED.get(kind.split("_")[0])
+    return _key(path), f"expected {what}" if what else err["msg"].lower()
+
+
+def _build(cls: type, data: Any):
+    try:
+        return TypeAdapter(cls).validate_python(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(cls, e)) from None
+
+
+def _explain(cls: type, e: ValidationError) -> str:
+    """pydantic's errors as one line per key: ``optim.lr: expected float, got 'fast'``."""
+    problems: Dict[str, Tuple[List[str], Any]] = {}
+    for err in e.errors(include_url=False):
+        key, what = _problem(cls, err)
+        whats = problems.setdefault(key, ([], err.get("input")))[0]
+        if what not in whats:  # a union reports each member: "expected str or a mapping"
+            whats.append(what)
+    lines = []
+    for key, (whats, value) in problems.items():
+        if whats[0].startswith("unknown key"):
+            lines.append(f"unknown key {key} ({whats[0].split('(', 1)[1]}")
+        else:
+            expected = " or ".join(w.replace("expected ", "", i > 0) for i, w in enumerate(whats))
+            lines.append(f"{key}: {expected}, got {value!r}")
+    return "; ".join(lines)
 
 
 def from_dict(cls: type, data: Dict[str, Any]):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastlivt.config import LossConfig
 from fastlivt.logs import get_logger
 from fastlivt.targets import MixTarget
 
@@ -215,41 +216,34 @@ class LongTailLoss(nn.Module):
                     raise ValueError(f"loss {self.name}: label {lo if lo < 0 else hi} outside [0, {self.num_classes})")
 
 
-def build_loss(
-    name: str,
-    class_counts: Union[Sequence[int], np.ndarray, torch.Tensor],
-    tau: float = 1.0,
-    form: str = "paper",
-    fused: str = "auto",
-    smoothing: float = 0.0,
-    test_prior: Optional[Union[Sequence[float], np.ndarray]] = None,
-    add_log_c: bool = False,
-) -> LongTailLoss:
-    """The training loss ``name`` (``ce | bce | bal_ce | bal_bce``) for a training set of ``class_counts``.
+def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, torch.Tensor],
+               smoothing: float = 0.0) -> LongTailLoss:
+    """The training loss of the config section ``spec`` (:class:`fastlivt.config.LossConfig`, handed over whole) for
+    a training set of ``class_counts``; called as ``loss(logits, target)``.
 
-    tau: bias scale τ (paper: 1; Places-LT 1.05). form: ``"paper"`` (Eq. 10 / Thm 3) or ``"official"`` (the released
-    code's log π − log(1 − π); that code also ignores τ, so pass tau=1 to reproduce it) — Bal-BCE only.
-    fused: ``"auto"`` (Triton kernel on CUDA or under TRITON_INTERPRET=1, PyTorch otherwise), ``"triton"`` (an error
-    where it cannot run), ``"torch"``. smoothing: label smoothing applied to hard-label targets (MixTarget carries its
-    own). test_prior / add_log_c: see :func:`logit_bias`. The module is called as ``loss(logits, target)``.
+    spec.name: ``ce | bce | bal_ce | bal_bce``. spec.tau: bias scale τ (paper: 1; Places-LT 1.05). spec.form:
+    ``"paper"`` (Eq. 10 / Thm 3) or ``"official"`` (the released code's log π − log(1 − π); that code also ignores τ,
+    so set tau=1 to reproduce it) — Bal-BCE only. spec.fused: ``"auto"`` (Triton kernel on CUDA or under
+    TRITON_INTERPRET=1, PyTorch otherwise), ``"triton"`` (an error where it cannot run), ``"torch"``.
+    spec.test_prior / spec.add_log_c: see :func:`logit_bias`. smoothing (``data.smoothing``): label smoothing applied
+    to hard-label targets (MixTarget carries its own).
     """
-    if name not in LOSSES:
-        raise ValueError(f"loss name {name!r} not in {LOSSES}")
-    if form not in ("paper", "official"):
-        raise ValueError(f"loss form {form!r} not in ('paper', 'official')")
-    if fused not in FUSED:
-        raise ValueError(f"loss fused={fused!r} not in {FUSED}")
+    name, form, fused, tau = spec.name, spec.form, spec.fused, spec.tau  # choices checked by LossConfig
     if fused == "triton" and not name.endswith("bce"):
         raise ValueError(f"loss {name}: fused='triton' applies to the BCE losses only (softmax losses run in PyTorch)")
     if not (0.0 <= smoothing < 1.0):
         raise ValueError(f"loss smoothing must be in [0, 1), got {smoothing}")
+    if spec.add_log_c and name != "bal_ce":
+        raise ValueError(f"loss.add_log_c applies to loss.name=bal_ce only, not {name}")
+    if spec.test_prior is not None and name not in ("bal_ce", "bal_bce"):
+        raise ValueError(f"loss.test_prior applies to the balanced losses (bal_ce, bal_bce) only, not {name}")
     pi = class_priors(class_counts)
     bias = None
     if name == "bal_ce":
-        bias = logit_bias(class_counts, "bal_ce", 1.0, test_prior=test_prior, add_log_c=add_log_c)
+        bias = logit_bias(class_counts, "bal_ce", 1.0, test_prior=spec.test_prior, add_log_c=spec.add_log_c)
     elif name == "bal_bce":
         bias_form = "bal_bce" if form == "paper" else "bal_bce_official"
-        bias = logit_bias(class_counts, bias_form, 1.0, test_prior=test_prior)
+        bias = logit_bias(class_counts, bias_form, 1.0, test_prior=spec.test_prior)
     loss = LongTailLoss(name, bias, pi.size, float(tau), fused, float(smoothing), form)
     if fused == "triton":
         loss.backend_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fail early, clearly

@@ -3,8 +3,9 @@
 #   pkg-config libturbojpeg0-dev libopencv-dev : build and run FFCV's C extension (it links these at run time)
 #   dataset-fashion-mnist                      : the real images of the embedded Fashion-MNIST-LT demo
 #   build-essential python3-dev               : compile FFCV's extension and DeepSpeed's sdist
+#   python3-venv                              : ./.venv where the system Python is externally managed (PEP 668)
 set -euo pipefail
-pkgs=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist build-essential)
+pkgs=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist build-essential python3-dev python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

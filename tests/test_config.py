@@ -54,3 +54,30 @@ def test_cli_lists_commands_and_rejects_unknown():
     assert ok.returncode == 0 and "convert" in ok.stdout and "finetune" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "fastlivt", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "frobnicate" in bad.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.name=focal", "loss.name: expected one of ce, bce, bal_ce, bal_bce, got 'focal'"),
+    ("data.backend=webdataset", "data.backend: expected one of ffcv, dali, torch, got 'webdataset'"),
+    ("run.amp=fp16", "run.amp: expected one of bf16, fp32, got 'fp16'"),
+    ("model.arch=vit_huge", "model.arch: expected one of vit_tiny, vit_small, vit_base, vit_large, got 'vit_huge'"),
+    ("deepspeed=5", "deepspeed: expected str or a mapping, got 5"),
+    ("data.mean=[1,2]", "data.mean: expected 3 values, got [1, 2]"),
+])
+def test_choices_and_types_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, None, [override])
+    assert str(err.value) == message
+
+
+def test_sections_check_values_when_built_or_replaced():
+    import dataclasses
+
+    from fastlivt.config import LossConfig
+
+    with pytest.raises(ConfigError, match=r"^formats\[1\]: expected one of ffcv, dali, got 'tfrecord'$"):
+        dataclasses.replace(ConvertConfig(), formats=["ffcv", "tfrecord"])
+    with pytest.raises(ConfigError, match="fused: expected one of auto, triton, torch"):
+        LossConfig(fused="cuda")
+    cfg = load_config(TrainConfig, None, ["loss.test_prior=[1, 2, 3]"])
+    assert cfg.loss.test_prior == [1.0, 2.0, 3.0] and dataclasses.asdict(cfg)["loss"]["test_prior"] == [1.0, 2.0, 3.0]

@@ -203,7 +203,7 @@ def test_convertible_images_pass_under_fail(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--formats", "ffcv,tfrecord"], "formats='ffcv,tfrecord'"),
+    (["--formats", "ffcv,tfrecord"], "formats[1]: expected one of ffcv, dali, got 'tfrecord'"),  # checked at load
     (["--write-mode", "raw", "jpeg_quality=300"], "jpeg_quality=300"),
     (["shard_sizes=3"], "unknown key shard_sizes"),
     (["--imbalance-factor", "0.5"], "imbalance_factor=0.5"),

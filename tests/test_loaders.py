@@ -200,7 +200,7 @@ def test_finetune_dali_randaugment_runs(converted):
 
 def test_bad_configuration_is_a_clear_error(converted, tmp_path):
     out, _ = converted
-    with pytest.raises(ValueError, match="unknown backend"):
+    with pytest.raises(ValueError, match="data.backend: expected one of ffcv, dali, torch, got 'jax'"):  # at load
         build_loader(_cfg(out, "jax"), "train", "pretrain")
     with pytest.raises(ValueError, match="data.val is empty"):
         build_loader(_cfg(out, "torch", "data.val="), "val", "eval")

@@ -88,6 +88,7 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
     from fastlivt.config import TrainConfig, load_config
     from fastlivt.data import BatchAugment
     from fastlivt.engine.optim import build_adamw, param_groups
+    from fastlivt.config import LossConfig
     from fastlivt.losses import build_loss
     from fastlivt.models.vit import build_vit
 
@@ -112,7 +113,7 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
         torch.manual_seed(0)
         model = build_vit(num_classes=classes, drop_path=0.1, **spec).to(device).train()
         opt = build_adamw(param_groups(model, 0.05, 0.75), 1e-3, (0.9, 0.99), 0.05, device)
-        loss_fn = build_loss("bal_bce", counts, fused="auto").to(device)
+        loss_fn = build_loss(LossConfig(name="bal_bce"), counts).to(device)
         if compiled:
             choice = CompileChoice(True, None, "bench step")
             compile_model(model, choice)

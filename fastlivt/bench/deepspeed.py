@@ -36,12 +36,13 @@ def _loss_fn(device: torch.device) -> Tuple[Any, str]:
     """Balanced BCE from :mod:`fastlivt.losses` over a long-tailed prior (Zipf counts, 1,280 -> 5 images per class)."""
     counts = torch.round(1280.0 * torch.arange(1, CLASSES + 1, dtype=torch.float64) ** -0.8).clamp(min=5)
     try:
+        from fastlivt.config import LossConfig
         from fastlivt.losses import build_loss
     except ImportError as e:  # visible in the row, never silent
         log.warning("fastlivt.losses not importable (%s): the step uses plain BCE-with-logits", e)
         return (lambda logits, y: torch.nn.functional.binary_cross_entropy_with_logits(
             logits.float(), torch.nn.functional.one_hot(y, CLASSES).float())), f"bce_with_logits (fastlivt.losses: {e})"
-    return build_loss("bal_bce", counts.long().tolist()).to(device), "bal_bce (fastlivt.losses)"
+    return build_loss(LossConfig(name="bal_bce"), counts.long().tolist()).to(device), "bal_bce (fastlivt.losses)"
 
 
 def _measure(ckpt: bool, zero3: bool, quick: bool, device: torch.device) -> Dict[str, Any]:

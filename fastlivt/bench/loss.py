@@ -132,6 +132,7 @@ def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tens
 
 
 def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile_state: Dict[str, object]) -> List[Row]:
+    from fastlivt.config import LossConfig
     from fastlivt.losses import build_loss, logit_bias
     from fastlivt.targets import MixTarget
 
@@ -197,7 +198,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
             rows.append(unavailable(PART, fb, "torch.compile", device, reason, shape=shape, dtype=dname))
 
     if cuda:
-        fused = build_loss("bal_bce", counts, fused="triton").to(device)
+        fused = build_loss(LossConfig(name="bal_bce", fused="triton"), counts).to(device)
         got = fused(logits.detach(), target).item()
         x = logits.detach()
         cp_med, cp_sp, cp_rep, cp_extra = measure(lambda: x.clone())
@@ -233,7 +234,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
     else:
         reason = "needs CUDA (Triton interpreter timings are meaningless)"
         rows.append(unavailable(PART, fb, "triton", device, reason, shape=shape, dtype=dname))
-        torch_path = build_loss("bal_bce", counts, fused="torch").to(device)
+        torch_path = build_loss(LossConfig(name="bal_bce", fused="torch"), counts).to(device)
         got = torch_path(logits.detach(), target).item()
         p_med, p_sp, p_rep, p_extra = measure(_fwd_bwd(lambda z: torch_path(z, target), logits))
         p_extra["loss_rel_diff_vs_eager"] = abs(got - ref_loss) / abs(ref_loss)

@@ -95,6 +95,7 @@ def _step_fn(model, opt, loss_fn, augment, next_batch, device, autocast) -> Call
 def run(quick: bool, device: torch.device) -> List[Row]:
     from fastlivt.data import BatchAugment
     from fastlivt.engine.optim import param_groups
+    from fastlivt.config import LossConfig
     from fastlivt.losses import build_loss
     from fastlivt.models.vit import build_vit
 
@@ -141,7 +142,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         torch.manual_seed(0)
         model = build_vit(arch, img_size=img, patch_size=patch, num_classes=classes, drop_path=0.1).to(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05, 0.75), lr=1e-3, betas=(0.9, 0.99))
-        loss_fn = build_loss("bal_bce", counts, fused=fused)
+        loss_fn = build_loss(LossConfig(name="bal_bce", fused=fused), counts)
         times = _measure(_step_fn(model, opt, loss_fn, augment, next_batch, device, autocast),
                          warmup=1 if quick else 3, repeats=3 if quick else 10)
         step_ms = [sum(times[p][i] for p in PHASES) for i in range(len(times["forward"]))]

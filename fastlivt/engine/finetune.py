@@ -21,7 +21,7 @@ from torch import nn
 
 from fastlivt.config import ConfigError, TrainConfig, to_dict
 from fastlivt.engine.checkpoint import save_safetensors
-from fastlivt.engine.loop import Run, train
+from fastlivt.engine.loop import Run
 from fastlivt.engine.pretrain import run_stage
 from fastlivt.logs import get_logger
 
@@ -110,12 +110,11 @@ class BFTTask:
 
         cfg = run.cfg
         self.class_counts = list(run.loader.manifest.class_counts)
-        self.criterion = build_loss(cfg.loss.name, self.class_counts, tau=cfg.loss.tau, form=cfg.loss.form,
-                                    fused=cfg.loss.fused, smoothing=cfg.data.smoothing).to(run.runtime.device)
+        self.criterion = build_loss(cfg.loss, self.class_counts, smoothing=cfg.data.smoothing).to(run.runtime.device)
         self.criterion = compile_criterion(self.criterion, getattr(run.runtime, "compile", None))
         self.augment = getattr(run.loader, "batch_augment", None)
         if self.augment is None and (cfg.data.mixup > 0 or cfg.data.cutmix > 0 or cfg.data.reprob > 0):
-            raise ConfigError(f"data.mixup/cutmix/reprob are set but the training loader has no batch_augment")
+            raise ConfigError("data.mixup/cutmix/reprob are set but the training loader has no batch_augment")
         log.info("loss %s; batch augmentation %s", self.criterion, self.augment)
         if cfg.run.ema is not None:
             if getattr(run.runtime, "zero_stage", 0) == 3:
