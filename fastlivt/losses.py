@@ -144,12 +144,21 @@ class LongTailLoss(nn.Module):
             raise RuntimeError(f"loss {self.name}: fused='triton' asked for, but {why}")
         return "torch", why
 
-    def forward(self, logits: torch.Tensor, target: Target) -> torch.Tensor:
-        self._check(logits, target)
-        backend, why = self.backend_for(logits.device)
+    def note_backend(self, device: torch.device) -> str:
+        """The backend logits on ``device`` take, logged the first time it is chosen (called by ``forward`` in eager
+        mode; a compiled loss is noted before compiling, since a log call inside a compiled region breaks the graph)."""
+        backend, why = self.backend_for(device)
         if backend not in self._logged:
             self._logged.add(backend)
             log.info("loss %s: %s path (%s)", self.name, "fused Triton" if backend == "triton" else "plain PyTorch", why)
+        return backend
+
+    def forward(self, logits: torch.Tensor, target: Target) -> torch.Tensor:
+        self._check(logits, target)
+        if torch.compiler.is_compiling():
+            backend = self.backend_for(logits.device)[0]
+        else:
+            backend = self.note_backend(logits.device)
         self.backend = backend
         bias = self.scaled_bias if self.has_bias else None
         if self.family == "bce":

@@ -172,3 +172,27 @@ print('imports ok')
     proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0 and "imports ok" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("fused", ["torch", "auto"])
+def test_compiled_loss_has_no_graph_break_and_still_logs_its_path(aot_eager, caplog, fused):
+    """The loss logs the path it takes on first use; inside a compiled region that log call would break the graph,
+    so compile_criterion notes the path before compiling and the compiled forward only chooses it."""
+    from fastlivt.config import LossConfig
+    from fastlivt.losses import build_loss
+    from fastlivt.models.compile import CompileChoice, compile_criterion
+    from fastlivt.targets import MixTarget
+
+    loss = build_loss(LossConfig(name="bal_bce", fused=fused), [100, 40, 10, 3, 1])
+    logger = logging.getLogger("fastlivt.losses")
+    logger.addHandler(caplog.handler)  # the project's loggers do not propagate to the root logger
+    try:
+        loss = compile_criterion(loss, CompileChoice(True, None, "test"))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any("loss bal_bce:" in r.getMessage() and "path" in r.getMessage() for r in caplog.records)
+    z = torch.randn(6, 5, requires_grad=True)
+    y = torch.randint(0, 5, (6,))
+    for target in (y, MixTarget(y, y.flip(0), 0.6, 0.1)):
+        loss(z, target).backward()
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])

@@ -120,10 +120,13 @@ def compile_model(model: nn.Module, choice: CompileChoice) -> List[str]:
 
 
 def compile_criterion(criterion: Any, choice: Optional[CompileChoice]) -> Any:
-    """The loss module, compiled when ``choice`` says so. Not ``fullgraph``: the loss checks its labels on the host
-    (a sync on CPU tensors), which dynamo runs as a graph break; :func:`graph_breaks` counts any."""
+    """The loss module, compiled when ``choice`` says so (its backend choice logged first: a log call inside the
+    compiled region would break the graph). Not ``fullgraph``, so that a loss without such care still runs;
+    :func:`graph_breaks` counts any break."""
     if choice is None or not choice.enabled or not isinstance(criterion, nn.Module):
         return criterion
+    if hasattr(criterion, "note_backend") and hasattr(criterion, "bias"):
+        criterion.note_backend(criterion.bias.device)
     criterion.compile(**_options(choice))
     choice.regions.append("criterion")
     return criterion
