@@ -35,7 +35,7 @@ LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
 # The demo's schedule (config overrides per stage), sized for ~17 min on 2 CPU cores (bf16); --quick is a smoke run.
-FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=12", "optim.warmup_epochs=1"]}
+FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=10", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}
 
