@@ -188,14 +188,12 @@ def test_full_state_dict_is_fp32_cpu_copy():
 
 
 def test_bad_runtime_config_is_a_clear_error():
-    cfg = _cfg()
-    cfg.run.amp = "fp16"
-    with pytest.raises(ValueError, match="run.amp"):
-        TorchRuntime(cfg)
-    cfg = _cfg()
-    cfg.run.device = "tpu"
-    with pytest.raises(ValueError, match="run.device"):
-        TorchRuntime(cfg)
+    """run.amp and run.device are checked once, when the config is loaded, before any runtime is built."""
+    from fastlivt.config import ConfigError, from_dict
+
+    for key, value in (("amp", "fp16"), ("device", "tpu")):
+        with pytest.raises(ConfigError, match=f"run.{key}: expected one of .*got '{value}'"):
+            from_dict(TrainConfig, {"run": {key: value}})
 
 
 def test_bf16_autocast_on_cpu_only_when_asked_for():

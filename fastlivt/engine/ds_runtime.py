@@ -26,7 +26,7 @@ from torch import nn
 
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.optim import build_adamw
-from fastlivt.engine.runtime import Runtime
+from fastlivt.engine.runtime import Runtime, bf16_autocast, resolve_device
 from fastlivt.logs import get_logger
 from fastlivt.models.compile import CompileChoice, compile_model, resolve_compile
 
@@ -116,16 +116,10 @@ def build_deepspeed_config(cfg: TrainConfig, world: int, use_cuda: bool) -> Dict
         ds["gradient_clipping"] = float(cfg.optim.clip_grad)
     elif "gradient_clipping" in ds:
         log.info("gradient_clipping %s from %s (optim.clip_grad is unset)", ds["gradient_clipping"], where)
-    if cfg.run.amp not in ("bf16", "fp32"):
-        raise ConfigError(f"run.amp: expected bf16 or fp32, got {cfg.run.amp!r}")
     # bf16 = torch autocast inside the engine (fp32 weights and master copy, bf16 matmuls and bf16 ZeRO traffic for
     # Linear/Conv weights): the plain engine's numerics, and fp32 inputs need no cast. DeepSpeed's other bf16 mode
     # (``"bf16": {"enabled": true}``, bf16 weights) is mapped onto it.
-    bf16 = cfg.run.amp == "bf16" and use_cuda
-    if cfg.run.cpu_bf16:
-        raise ConfigError("run.cpu_bf16: CPU autocast is for the plain engine; drop it or the deepspeed entry")
-    if cfg.run.amp == "bf16" and not use_cuda:
-        log.info("bf16 off: run.amp=bf16 applies on CUDA only (as in the plain engine); training in fp32 on CPU")
+    bf16 = bf16_autocast(cfg.run, torch.device("cuda" if use_cuda else "cpu"), cpu_allowed=False)
     if ds.get("bf16", {}).get("enabled", False):
         log.info("%s: \"bf16\" runs as \"torch_autocast\" bfloat16 (fp32 weights, bf16 compute)", where)
     ds["bf16"] = {"enabled": False}
@@ -165,11 +159,9 @@ class DeepSpeedRuntime(Runtime):
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         want = cfg.run.device
-        if want not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"run.device: expected auto, cpu or cuda, got {want!r}")
-        if want == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("run.device=cuda but torch sees no CUDA device")
-        use_cuda = torch.cuda.is_available() and want != "cpu"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(want, local_rank)
+        use_cuda = self.device.type == "cuda"
         if not use_cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -184,12 +176,9 @@ class DeepSpeedRuntime(Runtime):
         if not use_cuda:
             # init_distributed would otherwise build the shared-memory comm op (a minutes-long C++ compile on CPU).
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.local_rank = local_rank
         if use_cuda:
-            torch.cuda.set_device(self.local_rank)  # before NCCL starts, so that it knows its device
-            self.device = torch.device("cuda", self.local_rank)
-        else:
-            self.device = torch.device("cpu")
+            torch.cuda.set_device(self.device)  # before NCCL starts, so that it knows its device
         if not torch.distributed.is_initialized():
             deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                        auto_mpi_discovery=False, verbose=False)
@@ -213,10 +202,6 @@ class DeepSpeedRuntime(Runtime):
         it for the device), the model's blocks compiled first when ``run.compile`` says so; returns the engine."""
         import deepspeed
 
-        if self.cfg.model.grad_checkpointing:
-            if not hasattr(model, "set_grad_checkpointing"):
-                raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
-            model.set_grad_checkpointing(True)
         compile_model(model, self.compile)  # per block, in place (ZeRO-3 was refused in resolve_compile)
         optimizer = build_adamw(param_groups, lr, betas, weight_decay, self.device)  # torch's, fused where it can
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
@@ -244,6 +229,18 @@ class DeepSpeedRuntime(Runtime):
 
     def unwrap(self) -> nn.Module:
         return self.engine.module
+
+    @property
+    def partitions_parameters(self) -> bool:
+        return self.zero_stage == 3
+
+    def gathered(self, module: nn.Module) -> ContextManager:
+        """Under ZeRO-3, DeepSpeed's ``GatheredParameters`` over ``module`` (read-only); a no-op otherwise."""
+        if not self.partitions_parameters:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
 
     # ----------------------------------------------------------------------------------------------- checkpoints
     def save(self, directory: str, tag: str, meta: Dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import torch
 from fastlivt.config import ConfigError, TrainConfig, from_dict, parse_override, to_dict
 from fastlivt.engine.checkpoint import read_safetensors, safe_load
 from fastlivt.engine.finetune import EXPORT_FORMAT, predict
-from fastlivt.engine.torch_runtime import resolve_device
+from fastlivt.engine.runtime import resolve_device
 from fastlivt.logs import get_logger
 from fastlivt.manifest import load_manifest
 

@@ -21,8 +21,7 @@ from torch import nn
 
 from fastlivt.config import ConfigError, TrainConfig, to_dict
 from fastlivt.engine.checkpoint import save_safetensors
-from fastlivt.engine.loop import Run
-from fastlivt.engine.pretrain import run_stage
+from fastlivt.engine.run import Run
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -95,7 +94,7 @@ class BFTTask:
         from fastlivt.models.vit import build_vit_from_config, load_encoder
 
         if cfg.model.img_size != cfg.data.img_size:
-            raise ValueError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}")
+            raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}")
         model = build_vit_from_config(cfg.model, manifest.num_classes)
         if cfg.model.init:
             report = load_encoder(model, cfg.model.init)
@@ -111,13 +110,13 @@ class BFTTask:
         cfg = run.cfg
         self.class_counts = list(run.loader.manifest.class_counts)
         self.criterion = build_loss(cfg.loss, self.class_counts, smoothing=cfg.data.smoothing).to(run.runtime.device)
-        self.criterion = compile_criterion(self.criterion, getattr(run.runtime, "compile", None))
+        self.criterion = compile_criterion(self.criterion, run.runtime.compile)
         self.augment = getattr(run.loader, "batch_augment", None)
         if self.augment is None and (cfg.data.mixup > 0 or cfg.data.cutmix > 0 or cfg.data.reprob > 0):
             raise ConfigError("data.mixup/cutmix/reprob are set but the training loader has no batch_augment")
         log.info("loss %s; batch augmentation %s", self.criterion, self.augment)
         if cfg.run.ema is not None:
-            if getattr(run.runtime, "zero_stage", 0) == 3:
+            if run.runtime.partitions_parameters:
                 raise ConfigError("run.ema is not supported under ZeRO-3 (the parameters are partitioned); unset it")
             from timm.utils import ModelEmaV3
 
@@ -190,5 +189,7 @@ class BFTTask:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_stage(argv, BFTTask(), "finetune", "fastlivt finetune",
+    from fastlivt.engine.stage_cli import run_stage
+
+    return run_stage(argv, BFTTask(), "fastlivt finetune",
                      "Stage 2: balanced fine-tuning (BFT) from an MGP encoder export.")

@@ -8,34 +8,21 @@ encoder alone is exported to ``<run.out>/encoder.safetensors`` (timm ViT names),
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from fastlivt.config import TrainConfig, load_config, to_dict
-from fastlivt.engine.loop import Run, train
+from fastlivt.config import ConfigError, TrainConfig, to_dict
+from fastlivt.engine.run import Run
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
 
 ENCODER_EXPORT = "encoder.safetensors"
-
-
-def gathered_params(run: Run, module: nn.Module):
-    """Context in which ``module``'s parameters are whole on every rank (ZeRO-3 partitions them; others: no-op).
-    Every rank must enter it."""
-    if getattr(run.runtime, "zero_stage", 0) == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
 
 
 def write_png(array, path: Path) -> Path:
@@ -62,7 +49,7 @@ class MGPTask:
         from fastlivt.models.mae import build_mae
 
         if cfg.model.img_size != cfg.data.img_size:
-            raise ValueError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}")
+            raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}")
         return build_mae(cfg.model)
 
     def setup(self, run: Run) -> None:
@@ -84,7 +71,7 @@ class MGPTask:
         from fastlivt.models.mae_vis import reconstruction_grid
 
         model = run.runtime.unwrap()
-        with gathered_params(run, model):
+        with run.runtime.gathered(model):
             if run.runtime.is_main:
                 images = self.vis_images.to(run.runtime.device)
                 grid = reconstruction_grid(model, images, run.cfg.data.mean, run.cfg.data.std,
@@ -114,28 +101,7 @@ class MGPTask:
         run.runtime.barrier()
 
 
-def parse_args(argv: List[str], prog: str, description: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", required=True, help="training YAML (configs/<dataset>/{mgp,bft}.yaml)")
-    p.add_argument("--resume", action="store_true", help="continue exactly from <run.out>/checkpoints/last")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.epochs=1 data.batch_size=32")
-    # the DeepSpeed launcher appends --local_rank=N (LOCAL_RANK is also set in the environment)
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
-
-
-def run_stage(argv: Optional[List[str]], task: Any, stage: str, prog: str, description: str) -> int:
-    """The ``fastlivt pretrain|finetune`` command: config + overrides -> :func:`train` -> a JSON summary line."""
-    args = parse_args(list(sys.argv[1:] if argv is None else argv), prog, description)
-    cfg = load_config(TrainConfig, args.config, args.overrides)
-    if cfg.run.stage != stage:
-        log.info("run.stage=%s in %s; running %s as asked by the command", cfg.run.stage, args.config, stage)
-        cfg.run.stage = stage
-    run = train(cfg, task, resume=args.resume)
-    if run.runtime.is_main:
-        print(json.dumps({"out": str(run.out), "step": run.step, **run.summary}, default=str))
-    return 0
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_stage(argv, MGPTask(), "pretrain", "fastlivt pretrain", "Stage 1: masked generative pretraining (MGP).")
+    from fastlivt.engine.stage_cli import run_stage
+
+    return run_stage(argv, MGPTask(), "fastlivt pretrain", "Stage 1: masked generative pretraining (MGP).")

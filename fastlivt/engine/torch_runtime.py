@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.checkpoint import safe_load
 from fastlivt.engine.optim import build_adamw
-from fastlivt.engine.runtime import Runtime
+from fastlivt.engine.runtime import Runtime, bf16_autocast, resolve_device
 from fastlivt.logs import get_logger
 from fastlivt.models.compile import CompileChoice, compile_model, resolve_compile
 
@@ -53,18 +53,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def resolve_device(want: str, local_rank: int) -> torch.device:
-    """``run.device`` (auto | cpu | cuda) as a device; asking for CUDA without one is an error."""
-    if want not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"run.device: expected auto, cpu or cuda, got {want!r}")
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but torch sees no CUDA device")
-    if want == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
 class TorchRuntime(Runtime):
     """Holds ``model`` (maybe DDP-wrapped), the AdamW ``optimizer``, the device, and the counters ``micro_steps``
     (backward calls so far) and ``global_steps`` (optimizer steps so far)."""
@@ -74,23 +62,17 @@ class TorchRuntime(Runtime):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(cfg.run.device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=timedelta(minutes=30))
             log.info("DDP: rank %d/%d, backend %s", self.rank, self.world, backend)
-        if cfg.run.amp not in ("bf16", "fp32"):
-            raise ConfigError(f"run.amp: expected bf16 or fp32, got {cfg.run.amp!r}")
-        self.bf16 = cfg.run.amp == "bf16" and (self.device.type == "cuda" or cfg.run.cpu_bf16)
-        if cfg.run.amp == "bf16" and not self.bf16:
-            log.info("bf16 autocast off: run.amp=bf16 applies on CUDA (on CPU with run.cpu_bf16=true); training in fp32 "
-                     "on %s", self.device)
-        elif self.bf16 and self.device.type == "cpu":
-            log.info("bf16 autocast on CPU (run.cpu_bf16=true)")
+        self.bf16 = bf16_autocast(cfg.run, self.device)
         if cfg.optim.accum_iter < 1:
             raise ConfigError(f"optim.accum_iter must be >= 1, got {cfg.optim.accum_iter}")
         self.accum_steps = cfg.optim.accum_iter
         self.clip_grad: Optional[float] = cfg.optim.clip_grad
-        self.grad_checkpointing = cfg.model.grad_checkpointing
         self.compile: CompileChoice = resolve_compile(cfg.run.compile, cfg.run.compile_mode, self.device, error=ConfigError)
         self.model: Optional[nn.Module] = None
         self._optimizer: Optional[torch.optim.Optimizer] = None
@@ -100,10 +82,6 @@ class TorchRuntime(Runtime):
 
     # ----------------------------------------------------------------------------------------------- training
     def prepare(self, model: nn.Module, param_groups: List[Dict[str, Any]], lr: float, betas, weight_decay: float) -> nn.Module:
-        if self.grad_checkpointing:
-            if not hasattr(model, "set_grad_checkpointing"):
-                raise ConfigError(f"model.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing()")
-            model.set_grad_checkpointing(True)
         model.to(self.device)
         compile_model(model, self.compile)  # in place, per block: DDP below wraps the compiled model as usual
         if self.world > 1:
