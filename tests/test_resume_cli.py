@@ -39,7 +39,7 @@ def split(tmp_path_factory):
 def _command(stage: str, backend: str, data: Path, out: Path, resume: bool = False):
     config = REPO / "configs" / "fmnist_lt" / ("mgp.yaml" if stage == "pretrain" else "bft.yaml")
     over = [f"data.train={data}", f"data.val={data}", f"data.backend={backend}", "data.img_size=16",
-            "model.img_size=16", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
+            "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.batch_size=4",
             "data.workers=2", "data.dali_device=cpu", "run.epochs=2", "run.device=cpu", "run.ckpt_every_steps=1",
             "run.log_every=1", "run.progress=false", "run.tensorboard=false", "run.vis_every=0", "run.seed=5",
             f"run.out={out}", "optim.warmup_epochs=1"]
