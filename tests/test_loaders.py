@@ -198,6 +198,24 @@ def test_finetune_dali_randaugment_runs(converted):
     assert np.array_equal(labels, loader.labels[loader.plan(0)])
 
 
+def test_backends_are_found_by_name_and_log_under_their_own_module():
+    import importlib
+    import typing
+
+    from fastlivt.config import DataConfig
+    from fastlivt.data.registry import BACKENDS, backend_class
+
+    assert BACKENDS == typing.get_args(typing.get_type_hints(DataConfig)["backend"])  # the registry and the config agree
+    for name in BACKENDS:
+        cls = backend_class(name)
+        module = importlib.import_module(cls.__module__)
+        assert cls.backend == name and module.__name__ == f"fastlivt.data.{name}_loader"
+        assert module.log.name == module.__name__
+    cfg = load_config(TrainConfig, None, [])
+    cfg.data.backend = "jax"  # past the config's own check: the registry names the choices too
+    with pytest.raises(ValueError, match=r"data.backend: unknown backend 'jax' \(choose one of ffcv, dali, torch\)"):
+        build_loader(cfg, "train", "pretrain")
+
 def test_bad_configuration_is_a_clear_error(converted, tmp_path):
     out, _ = converted
     with pytest.raises(ValueError, match="data.backend: expected one of ffcv, dali, torch, got 'jax'"):  # at load

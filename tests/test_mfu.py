@@ -9,10 +9,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastlivt.engine.logger as logger_mod
-from fastlivt.bench.common import gemm_peak_flops, mfu_extra
+from fastlivt.bench.common import mfu_extra
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.engine.logger import TrainLogger
-from fastlivt.models.cost import bft_cost, cost_from_config, mgp_cost
+from fastlivt.models.cost import bft_cost, cost_from_config, gemm_peak_flops, mgp_cost
 from fastlivt.models.mae import MaskedAutoencoderViT
 from fastlivt.models.vit import build_vit
 

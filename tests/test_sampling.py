@@ -177,7 +177,7 @@ def test_loader_plan_after_seek_on_another_world(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from engine_doubles import write_manifest
     from fastlivt.config import TrainConfig
-    from fastlivt.data.loader import EpochLoader
+    from fastlivt.data.base import EpochLoader
 
     labels, _ = _long_tail_labels(n_max=60)
     write_manifest(tmp_path / "train", labels, C)

@@ -1,4 +1,4 @@
-"""What every benchmark part shares: a result row and a timer.
+"""What the benchmark parts share: a result row, timers, the MFU fields, the MGP shape and synthetic batches.
 
 Each part (``fastlivt/bench/<part>.py``) exposes ``run(quick: bool, device: torch.device) -> list[Row]`` and measures
 its comparison *and its baseline in the same run*; ``ratio`` is baseline_time / time (or value / baseline_value for
@@ -7,12 +7,18 @@ throughputs), so > 1 means faster than the baseline. A backend that cannot run h
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+from fastlivt.models.cost import gemm_peak_flops, gemm_peak_size
+
+IMG, PATCH, MASK = 224, 16, 0.75  # the MGP benchmark's image size, patch size and mask ratio (MAE's)
+DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 @dataclass
@@ -63,35 +69,61 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeat
     return statistics.median(times), (max(times) - min(times)) / 2, times
 
 
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on CPU the step runs in fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def measure_pair(fns: Dict[bool, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+                 ) -> Dict[bool, Optional[Dict[str, float]]]:
+    """Time two variants *alternately* (A B A B ...), so background load drifts hit both alike.
+
+    Returns per variant the median/spread in ms and, on CUDA, the peak memory of one call in GB; ``None`` for a
+    variant that ran out of CUDA memory.
+    """
+    times: Dict[bool, List[float]] = {k: [] for k in fns}
+    alive = dict.fromkeys(fns, True)
+    out: Dict[bool, Optional[Dict[str, float]]] = {}
+    for i in range(warmup + repeats):
+        for key, fn in fns.items():
+            if not alive[key]:
+                continue
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+            except torch.cuda.OutOfMemoryError:
+                alive[key] = False
+                torch.cuda.empty_cache()
+                continue
+            if i >= warmup:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    for key, fn in fns.items():
+        if not alive[key]:
+            out[key] = None
+            continue
+        ts = times[key]
+        spread = (max(ts) - min(ts)) / 2 if len(ts) > 1 else None  # one repeat (quick mode): no spread to report
+        out[key] = {"median": statistics.median(ts), "spread": spread, "min": min(ts)}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            sync(device)
+            out[key]["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    return out
+
+
+def synthetic_batch(device: torch.device, batch: int, img: int, classes: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images float[batch,3,img,img], labels long[batch] in [0, classes)) on ``device``, the same for every call."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, img, img, generator=g).to(device)
+    labels = torch.randint(0, classes, (batch,), generator=g).to(device)
+    return images, labels
+
+
 def unavailable(part: str, name: str, backend: str, device: torch.device, reason: str, **kw) -> Row:
     return Row(part=part, name=name, backend=backend, device=device_name(device), unavailable=reason, **kw)
-
-
-_PEAKS: Dict[Tuple[str, torch.dtype], float] = {}
-
-
-def gemm_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    """The best dense GEMM rate (FLOP/s) of ``device`` in ``dtype``, measured here once per process: the MFU
-    denominator, so that MFU compares against what this device really reaches in this run (a CPU row is a ratio too).
-    CUDA: 8192³ (16 384³ is no faster on H100/H200); CPU: 1024³."""
-    key = (str(device), dtype)
-    if key not in _PEAKS:
-        n, repeats = (8192, 10) if device.type == "cuda" else (1024, 5)
-        g = torch.Generator(device=device).manual_seed(0)  # private: the global RNG streams stay untouched
-        a = torch.randn(n, n, device=device, generator=g).to(dtype)
-        b = torch.randn(n, n, device=device, generator=g).to(dtype)
-        for _ in range(2):
-            a @ b
-        sync(device)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        _PEAKS[key] = 2.0 * n ** 3 / best
-        del a, b
-    return _PEAKS[key]
 
 
 def mfu_extra(img_per_s: float, flops_per_image: float, peak_flops: float) -> Dict[str, float]:
@@ -104,7 +136,7 @@ def mfu_extra(img_per_s: float, flops_per_image: float, peak_flops: float) -> Di
 def peak_row(part: str, device: torch.device, dtype: torch.dtype) -> Row:
     """The GEMM peak used as this part's MFU denominator, as a row of its own."""
     peak = gemm_peak_flops(device, dtype)
-    n = 8192 if device.type == "cuda" else 1024
+    n, repeats = gemm_peak_size(device)
     return Row(part=part, name="GEMM peak (MFU denominator)", backend="torch.matmul", device=device_name(device),
                shape=f"{n}x{n}x{n}", dtype=str(dtype).replace("torch.", ""), unit="TFLOP/s", median=peak / 1e12,
-               repeats=10 if device.type == "cuda" else 5, extra={"best_of_repeats": True})
+               repeats=repeats, extra={"best_of_repeats": True})

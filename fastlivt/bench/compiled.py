@@ -17,11 +17,10 @@ from typing import Iterator, List
 
 import torch
 
-from fastlivt.bench.common import Row, device_name, gemm_peak_flops, mfu_extra, peak_row, unavailable
-from fastlivt.bench.model import DECODER, IMG, MASK, PATCH, autocast, measure_pair
-from fastlivt.bench.step import _synthetic
+from fastlivt.bench.common import (DECODER, IMG, MASK, PATCH, Row, autocast, device_name, measure_pair, mfu_extra,
+                                   peak_row, synthetic_batch, unavailable)
 from fastlivt.models.compile import CompileChoice, compile_criterion, compile_model, graph_breaks
-from fastlivt.models.cost import bft_cost, mgp_cost
+from fastlivt.models.cost import bft_cost, gemm_peak_flops, mgp_cost
 from fastlivt.models.mae import MaskedAutoencoderViT
 from fastlivt.models.vit import arch_spec
 
@@ -106,7 +105,7 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
     shape = f"B={batch} C={classes} D={spec['embed_dim'] or 768} depth={spec['depth'] or 12}"
     dname = "bf16" if cuda else "fp32"
     counts = [max(1, 1000 // (c + 1)) for c in range(classes)]
-    images, labels = _synthetic(device, batch, spec["img_size"], classes)
+    images, labels = synthetic_batch(device, batch, spec["img_size"], classes)
     augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, device=device)
     fns, breaks = {}, {}
     for compiled in (False, True):

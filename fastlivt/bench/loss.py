@@ -100,7 +100,7 @@ def sass_row(device: torch.device) -> Row:
     """What the kernel compiles to on sm_90 for N = 1,024, C = 8,142 bf16, and its launches per forward + backward."""
     shape, name = f"N={N} C={SWEEP_C}", "Bal-BCE kernel, steady-state loop (sm_90 SASS)"
     try:
-        from kernels.launch import launches_per_call
+        from kernels.launch_count import launches_per_call
         from kernels.sass import sm90_figures
 
         figures = sm90_figures(N, SWEEP_C, torch.bfloat16)

@@ -20,23 +20,20 @@ dtype (``extra.mfu``, a fraction); compiled rows add ``extra.graph_breaks``.
 """
 from __future__ import annotations
 
-import contextlib
-import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 
-from fastlivt.bench.common import Row, device_name, gemm_peak_flops, mfu_extra, peak_row, sync, time_fn, unavailable
+from fastlivt.bench.common import (DECODER, IMG, MASK, PATCH, Row, autocast, device_name, measure_pair, mfu_extra,
+                                   peak_row, time_fn, unavailable)
 from fastlivt.logs import get_logger
 from fastlivt.models.attention import AttentionBackendError, resolve_backend, set_attention_backend
-from fastlivt.models.cost import mgp_cost
+from fastlivt.models.cost import gemm_peak_flops, mgp_cost
 from fastlivt.models.mae import MaskedAutoencoderViT
 from fastlivt.models.vit import arch_spec
 
 log = get_logger(__name__)
-IMG, PATCH, MASK = 224, 16, 0.75
-DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
 
 
 def transformer_flops(tokens: int, dim: int, depth: int) -> float:
@@ -52,50 +49,6 @@ def predicted_ratio(arch: str, decoder_dim: int = 512, decoder_depth: int = 8) -
     dec = transformer_flops(length + 1, decoder_dim, decoder_depth)
     enc = lambda n: transformer_flops(n, spec["embed_dim"], spec["depth"])  # noqa: E731
     return (enc(length + 1) + dec) / (enc(keep + 1) + dec)
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def measure_pair(fns: Dict[bool, Callable[[], None]], device: torch.device, warmup: int, repeats: int
-                 ) -> Dict[bool, Optional[Dict[str, float]]]:
-    """Time two variants *alternately* (A B A B ...), so background load drifts hit both alike.
-
-    Returns per variant the median/spread in ms and, on CUDA, the peak memory of one call in GB; ``None`` for a
-    variant that ran out of CUDA memory.
-    """
-    times: Dict[bool, List[float]] = {k: [] for k in fns}
-    alive = dict.fromkeys(fns, True)
-    out: Dict[bool, Optional[Dict[str, float]]] = {}
-    for i in range(warmup + repeats):
-        for key, fn in fns.items():
-            if not alive[key]:
-                continue
-            try:
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-            except torch.cuda.OutOfMemoryError:
-                alive[key] = False
-                torch.cuda.empty_cache()
-                continue
-            if i >= warmup:
-                times[key].append((time.perf_counter() - t0) * 1e3)
-    for key, fn in fns.items():
-        if not alive[key]:
-            out[key] = None
-            continue
-        ts = times[key]
-        spread = (max(ts) - min(ts)) / 2 if len(ts) > 1 else None  # one repeat (quick mode): no spread to report
-        out[key] = {"median": statistics.median(ts), "spread": spread, "min": min(ts)}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            fn()
-            sync(device)
-            out[key]["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
-    return out
 
 
 _built: Dict[str, MaskedAutoencoderViT] = {}

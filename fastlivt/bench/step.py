@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastlivt.bench.common import Row, device_name, sync
+from fastlivt.bench.common import Row, device_name, sync, synthetic_batch
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -43,13 +43,6 @@ def _demo_loader(tmp: Path, device: torch.device, batch: int, quick: bool):
                                           f"data.batch_size={batch}", "data.workers=2", "data.auto_augment=rand-m9-mstd0.5-inc1",
                                           "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]"])
     return build_loader(cfg, "train", "finetune", device=device), "ffcv"
-
-
-def _synthetic(device: torch.device, batch: int, img: int, classes: int):
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, img, img, generator=g).to(device)
-    labels = torch.randint(0, classes, (batch,), generator=g).to(device)
-    return images, labels
 
 
 def _measure(step_fn: Callable[[], Dict[str, float]], warmup: int, repeats: int) -> Dict[str, List[float]]:
@@ -129,7 +122,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         loader_reason = ("no converted data on this machine (the Fashion-MNIST package is absent)" if not on_cuda else
                          "GPU servers here have neither FFCV nor DALI; phases below use synthetic batches")
     if next_batch is None:
-        fixed = _synthetic(device, batch, img, classes)
+        fixed = synthetic_batch(device, batch, img, classes)
 
         def next_batch():
             return fixed[0].clone(), fixed[1]

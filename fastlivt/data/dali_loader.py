@@ -31,9 +31,12 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import numpy as np
 import torch
 
-from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.base import EpochLoader
 from fastlivt.data.sample_rng import choices, flips, rrc_windows, sample_keys, signs
 from fastlivt.data.shards import ShardReader
+from fastlivt.logs import get_logger
+
+log = get_logger(__name__)
 
 
 def parse_rand_augment(config: str) -> Dict[str, float]:

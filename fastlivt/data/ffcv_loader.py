@@ -17,13 +17,16 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
-from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.base import EpochLoader
+from fastlivt.logs import get_logger
 from fastlivt.manifest import ManifestError
 
 try:
     from ffcv.traversal_order.base import TraversalOrder
 except ImportError as e:  # pragma: no cover - ffcv is a hard dependency of this backend
     raise ImportError(f"data.backend=ffcv needs ffcv 1.0.2 (pip install ffcv): {e}") from e
+
+log = get_logger(__name__)
 
 
 class PlanOrder(TraversalOrder):

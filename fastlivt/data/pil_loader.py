@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from fastlivt.data.loader import EpochLoader
+from fastlivt.data.base import EpochLoader
 from fastlivt.data.shards import ShardReader
 
 

@@ -29,12 +29,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastlivt.data import device_decode as dd
-from fastlivt.data.loader import EpochLoader, log
+from fastlivt.data.base import EpochLoader
 from fastlivt.data.randaugment import seeded_rand_augment
 from fastlivt.data.sample_rng import train_params
 from fastlivt.data.shards import ShardReader
+from fastlivt.logs import get_logger
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+log = get_logger(__name__)
 
 
 class Augmenter:

@@ -158,8 +158,7 @@ def mfu_reference(cfg: Any, stage: str, num_classes: int, device: Any, bf16: boo
         return {}
     import torch
 
-    from fastlivt.bench.common import gemm_peak_flops
-    from fastlivt.models.cost import cost_from_config
+    from fastlivt.models.cost import cost_from_config, gemm_peak_flops
 
     flops = cost_from_config(cfg, stage, num_classes).train_flops
     peak = gemm_peak_flops(torch.device(device), torch.bfloat16 if bf16 else torch.float32)

@@ -1,4 +1,5 @@
-"""What one training image costs the MGP and BFT models: model FLOPs (for MFU) and an estimate of the memory.
+"""What one training image costs the MGP and BFT models: model FLOPs (for MFU) and an estimate of the memory; and the
+MFU denominator, the dense GEMM rate of a device measured in this process (:func:`gemm_peak_flops`).
 
 FLOPs count multiply-adds as 2 and only the matrix products (the convention of MFU: PaLM, Megatron): per pre-norm
 block with MLP ratio 4 on N tokens of width D, 24·N·D² for the qkv/proj/MLP GEMMs and 4·N²·D for QKᵀ and PV. A
@@ -18,8 +19,11 @@ buffers, which grow with tokens per image; size long-sequence configs from measu
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
+
+import torch
 
 from fastlivt.models.vit import arch_spec
 
@@ -100,4 +104,41 @@ def cost_from_config(cfg: Any, stage: str, num_classes: int = 0) -> StepCost:
     return bft_cost(num_classes=m.num_classes or num_classes, checkpointing=m.grad_checkpointing, **common)
 
 
-__all__ = ["StepCost", "block_flops", "bft_cost", "cost_from_config", "mgp_cost"]
+_PEAKS: Dict[Tuple[str, torch.dtype], float] = {}
+
+
+def gemm_peak_size(device: torch.device) -> Tuple[int, int]:
+    """(n, repeats) of the n³ GEMM that :func:`gemm_peak_flops` times on ``device``."""
+    return (8192, 10) if device.type == "cuda" else (1024, 5)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The best dense GEMM rate (FLOP/s) of ``device`` in ``dtype``, measured here once per process: the MFU
+    denominator, so that MFU compares against what this device really reaches in this run (a CPU row is a ratio too).
+    CUDA: 8192³ (16 384³ is no faster on H100/H200); CPU: 1024³."""
+    key = (str(device), dtype)
+    if key not in _PEAKS:
+        n, repeats = gemm_peak_size(device)
+        g = torch.Generator(device=device).manual_seed(0)  # private: the global RNG streams stay untouched
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        for _ in range(2):
+            a @ b
+        _sync(device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        _PEAKS[key] = 2.0 * n ** 3 / best
+        del a, b
+    return _PEAKS[key]
+
+
+__all__ = ["StepCost", "block_flops", "bft_cost", "cost_from_config", "gemm_peak_flops", "gemm_peak_size", "mgp_cost"]

@@ -1,8 +1,8 @@
-"""``build_loader``: one interface over the ffcv, dali and torch backends.
+"""The base of every loader backend (:func:`fastlivt.data.registry.build_loader` picks one by ``data.backend``).
 
-What every backend shares lives in :class:`EpochLoader`: the split's manifest, the long-tail sampler, the per-rank
-index plan of an epoch (:meth:`EpochLoader.plan`), epoch bookkeeping for exact resumption, and device-side
-normalisation. A backend only turns a plan (sample indices in order, already cut to whole batches when
+What the ffcv, dali and torch backends share lives in :class:`EpochLoader`: the split's manifest, the long-tail
+sampler, the per-rank index plan of an epoch (:meth:`EpochLoader.plan`), epoch bookkeeping for exact resumption, and
+device-side normalisation. A backend only turns a plan (sample indices in order, already cut to whole batches when
 ``drop_last``) into batches ``(images float[B,3,H,W] normalised on the device, labels long[B] on the device)``.
 
 Stages (paper Table 9):
@@ -33,7 +33,6 @@ from fastlivt.logs import get_logger
 from fastlivt.manifest import load_manifest
 
 STAGES = ("pretrain", "finetune", "eval")
-BACKENDS = ("ffcv", "dali", "torch")
 log = get_logger(__name__)
 _OPEN: "weakref.WeakSet[EpochLoader]" = weakref.WeakSet()
 
@@ -193,19 +192,3 @@ class EpochLoader:
         return (f"{self.backend} loader: {self.split}/{self.stage} N={self.num_samples} rank {self.rank}/{self.world} "
                 f"batch {self.batch_size} x {len(self)} per epoch, {self.img_size}px {aug}, sampler "
                 f"{self.sampler.strategy}, device {self.device}")
-
-
-def build_loader(cfg: TrainConfig, split: str, stage: str, device=None, rank: int = 0, world: int = 1) -> EpochLoader:
-    """The loader of ``cfg.data.backend`` for ``split`` (train | val) at ``stage`` (pretrain | finetune | eval)."""
-    backend = cfg.data.backend
-    if backend == "ffcv":
-        from fastlivt.data.ffcv_loader import FFCVLoader as cls
-    elif backend == "dali":
-        from fastlivt.data.dali_loader import DALILoader as cls
-    elif backend == "torch":
-        from fastlivt.data.torch_loader import TorchLoader as cls
-    else:
-        raise ValueError(f"data.backend: unknown backend {backend!r} (choose one of {', '.join(BACKENDS)})")
-    loader = cls(cfg, split, stage, device=device, rank=rank, world=world)
-    log.info("%s", loader.describe())
-    return loader
