@@ -17,11 +17,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from data_prep.config import ConfigError, ConvertConfig, load_config
 from data_prep.convert import ConversionError, convert
+from data_prep.log_handler import install_stderr_handler
+from data_prep.manifest import Manifest, shot_groups
 from data_prep.sources import SOURCES, SourceError
 from data_prep.verify import verify
-from fastlivt.config import ConfigError, ConvertConfig, load_config
-from fastlivt.manifest import Manifest, shot_groups
 
 
 UNSET = object()  # default of flags whose value may be None
@@ -104,6 +105,7 @@ def summary(m: Manifest) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    install_stderr_handler()
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.verify:
         problems, checked = verify(args.verify)

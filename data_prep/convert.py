@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,16 +23,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from data_prep.beton_writer import write_beton
+from data_prep.config import ConvertConfig
 from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
+from data_prep.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
 from data_prep.sources import SOURCES, Source, open_source
-from data_prep.beton_writer import write_beton
 from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name
-from fastlivt.config import ConvertConfig
-from fastlivt.logs import get_logger
-from fastlivt.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
 
-log = get_logger("data_prep.convert")
+log = logging.getLogger("fastlivt.data_prep.convert")
 
 FORMATS = ("ffcv", "dali")
 WRITE_MODES = ("jpg", "raw", "proportion")

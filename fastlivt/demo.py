@@ -80,10 +80,10 @@ def write_proxy_source(out: Path, seed: int = 1) -> Path:
 
 def convert_split(split: str, out: Path, imbalance: Optional[float], root: str = FMNIST) -> Any:
     """Convert once; reuse an existing conversion whose files still match the manifest's hashes."""
+    from data_prep.config import ConvertConfig
     from data_prep.convert import convert
+    from data_prep.manifest import load_manifest
     from data_prep.verify import verify
-    from fastlivt.config import ConvertConfig
-    from fastlivt.manifest import load_manifest
 
     if (out / "manifest.json").is_file():
         problems, _ = verify(out)

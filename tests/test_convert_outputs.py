@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from convert_testdata import check_outputs, make_files, read_beton
-from data_prep.cli import main
-from data_prep.sources import Source
 from data_prep.beton_writer import write_beton
+from data_prep.cli import main
+from data_prep.manifest import load_manifest
+from data_prep.sources import Source
 from data_prep.writers import StagedImages
-from fastlivt.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"^(train\.beton|train-\d{5}\.(tar|idx)|labels\.npy|manifest\.json)$")

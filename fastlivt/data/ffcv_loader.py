@@ -17,8 +17,8 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
+from data_prep.manifest import ManifestError
 from fastlivt.data.loader import EpochLoader, log
-from fastlivt.manifest import ManifestError
 
 try:
     from ffcv.traversal_order.base import TraversalOrder

@@ -25,12 +25,12 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
+from data_prep.manifest import load_manifest
 from fastlivt.config import TrainConfig
 from fastlivt.data.augment import BatchAugment, Normalize
 from fastlivt.data.sample_rng import SampleParams, epoch_positions, train_params
 from fastlivt.data.sampling import LongTailSampler
 from fastlivt.logs import get_logger
-from fastlivt.manifest import load_manifest
 
 STAGES = ("pretrain", "finetune", "eval")
 BACKENDS = ("ffcv", "dali", "torch")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Protocol
 import torch
 from torch import nn
 
+from data_prep.manifest import MANIFEST_NAME, sha256_file
 from fastlivt.config import TrainConfig, save_config, to_dict
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine import elastic
@@ -36,7 +37,6 @@ from fastlivt.engine.optim import param_groups, peak_lr
 from fastlivt.engine.runtime import Runtime
 from fastlivt.engine.schedule import WarmupCosine
 from fastlivt.logs import get_logger
-from fastlivt.manifest import MANIFEST_NAME, sha256_file
 
 log = get_logger(__name__)
 
