@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from data_prep.beton_writer import write_beton
-from data_prep.config import ConvertConfig
+from data_prep.config import ConfigError, ConvertConfig
 from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
 from data_prep.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
@@ -44,7 +44,7 @@ class ConversionError(RuntimeError):
 
 
 def check_config(cfg: ConvertConfig) -> None:
-    """Reject settings that cannot work, naming the field and the value."""
+    """Reject settings that cannot work (a :class:`ConfigError`), naming the field and the value."""
     problems = []
     if cfg.source not in SOURCES:
         problems.append(f"source={cfg.source!r} (expected one of {', '.join(SOURCES)})")
@@ -70,7 +70,7 @@ def check_config(cfg: ConvertConfig) -> None:
     if cfg.workers < 0:
         problems.append(f"workers={cfg.workers} (expected >= 0)")
     if problems:
-        raise ConversionError("invalid conversion settings: " + "; ".join(problems))
+        raise ConfigError("invalid conversion settings: " + "; ".join(problems))
 
 
 @dataclass
