@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
+from data_prep.atomic import atomic_path
 from fastlivt.config import TrainConfig, load_config, to_dict
 from fastlivt.engine.loop import Run, train
 from fastlivt.logs import get_logger
@@ -43,9 +43,8 @@ def write_png(array, path: Path) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path
 
 

@@ -12,7 +12,6 @@ loads (:func:`fastlivt.models.vit.load_encoder`).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -23,6 +22,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from data_prep.atomic import atomic_path
 from fastlivt.models.attention import attention_layer, check_backend_name
 from fastlivt.models.layers import PatchEmbed, compute_dtype
 from fastlivt.models.vit import DECODER_PREFIXES, ENCODER_PREFIXES, arch_spec
@@ -270,9 +270,8 @@ def save_encoder(source: Union[MaskedAutoencoderViT, Mapping[str, torch.Tensor]]
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tensors = {k: v.to("cpu", torch.float32).clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
