@@ -1,6 +1,6 @@
 """``python -m data_prep`` is ``fastlivt convert``."""
 import sys
 
-from data_prep.cli import main
+from data_prep.cli import run_as_program
 
-sys.exit(main())
+sys.exit(run_as_program())

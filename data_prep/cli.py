@@ -8,23 +8,33 @@
     fastlivt convert --verify DIR
 
 Settings come from the ConvertConfig defaults, then ``--config FILE``, then ``key=value`` overrides, then the flags.
+
+A user's mistake (:data:`USER_ERRORS`: a bad key or value, a missing config, list or source root) is one line
+``fastlivt: error: ...`` on stderr and exit status 2, without a traceback (``--debug`` or ``FASTLIVT_DEBUG=1`` shows
+it): :func:`main` raises it for the ``fastlivt`` command to report, :func:`run_as_program` reports it the same way for
+``python -m data_prep``. A conversion that fails (a bad input under ``--on-error fail``, nothing convertible, a
+writer that died) is ``fastlivt convert: error: ...`` and exit status 1.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from data_prep.config import ConfigError, ConvertConfig, load_config
 from data_prep.convert import ConversionError, convert
+from data_prep.log_handler import install_stderr_handler
+from data_prep.manifest import Manifest, shot_groups
 from data_prep.sources import SOURCES, SourceError
 from data_prep.verify import verify
-from fastlivt.config import ConfigError, ConvertConfig, load_config
-from fastlivt.manifest import Manifest, shot_groups
 
 
 UNSET = object()  # default of flags whose value may be None
+USER_ERRORS = (ConfigError, SourceError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+DEBUG_FLAG, DEBUG_ENV = "--debug", "FASTLIVT_DEBUG"
 
 
 def _optional_int(text: str) -> Optional[int]:
@@ -104,6 +114,8 @@ def summary(m: Manifest) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """``fastlivt convert``: 0 when done, 1 when the conversion or ``--verify`` failed; a user's mistake is raised."""
+    install_stderr_handler()
     args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     if args.verify:
         problems, checked = verify(args.verify)
@@ -113,15 +125,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 1
         print(f"{Path(args.verify) / 'manifest.json'}: all {checked} files match their size and sha256")
         return 0
+    cfg = config_from_args(args)
     try:
-        cfg = config_from_args(args)
         manifest = convert(cfg, progress=not args.no_progress)
-    except (ConfigError, ConversionError, SourceError) as e:
+    except ConversionError as e:
         print(f"fastlivt convert: error: {e}", file=sys.stderr)
         return 1
     print(summary(manifest))
     return 0
 
 
+def run_as_program(argv: Optional[List[str]] = None) -> int:
+    """``python -m data_prep``: :func:`main`, a user's mistake reported as ``fastlivt convert`` reports it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return main([a for a in argv if a != DEBUG_FLAG])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"fastlivt: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_program())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,16 +23,15 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from data_prep.beton_writer import write_beton
+from data_prep.config import ConfigError, ConvertConfig
 from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
+from data_prep.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
 from data_prep.sources import SOURCES, Source, open_source
-from data_prep.beton_writer import write_beton
 from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name
-from fastlivt.config import ConvertConfig
-from fastlivt.logs import get_logger
-from fastlivt.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
 
-log = get_logger("data_prep.convert")
+log = logging.getLogger("fastlivt.data_prep.convert")
 
 FORMATS = ("ffcv", "dali")
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -44,7 +44,7 @@ class ConversionError(RuntimeError):
 
 
 def check_config(cfg: ConvertConfig) -> None:
-    """Reject settings that cannot work, naming the field and the value."""
+    """Reject settings that cannot work (a :class:`ConfigError`), naming the field and the value."""
     problems = []
     if cfg.source not in SOURCES:
         problems.append(f"source={cfg.source!r} (expected one of {', '.join(SOURCES)})")
@@ -70,7 +70,7 @@ def check_config(cfg: ConvertConfig) -> None:
     if cfg.workers < 0:
         problems.append(f"workers={cfg.workers} (expected >= 0)")
     if problems:
-        raise ConversionError("invalid conversion settings: " + "; ".join(problems))
+        raise ConfigError("invalid conversion settings: " + "; ".join(problems))
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import pickle
 import struct
@@ -18,9 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from fastlivt.logs import get_logger
-
-log = get_logger("data_prep.sources")
+log = logging.getLogger("fastlivt.data_prep.sources")
 
 SOURCES = ("imagefolder", "list", "inat", "cifar10", "cifar100", "fmnist")
 # File names that count as images in an image folder (torchvision's IMG_EXTENSIONS).

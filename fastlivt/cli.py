@@ -19,8 +19,8 @@ from typing import List, Optional
 # imported (an exception of a class whose module was never imported cannot have been raised), so the CLI imports
 # none of them itself.
 USER_ERRORS = (
-    "fastlivt.config:ConfigError",  # unknown key, wrong type, value outside its choices, config file not found
-    "fastlivt.manifest:ManifestError",  # data.train/data.val/--data without a (valid) converted split
+    "data_prep.config:ConfigError",  # unknown key, wrong type, value outside its choices, config file not found
+    "data_prep.manifest:ManifestError",  # data.train/data.val/--data without a (valid) converted split
     "fastlivt.models.vit:EncoderLoadError",  # model.init missing or not an encoder export that fits
     "fastlivt.models.attention:AttentionBackendError",  # model.attention=xformers where it cannot run
     "data_prep.sources:SourceError",  # a dataset source that cannot be listed

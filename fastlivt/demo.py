@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from data_prep.atomic import atomic_path
 from fastlivt.demo_results import (Results, aggregate, per_class_accuracy, per_seed_table, plot_results,
                                    results_table, summary_table)
 from fastlivt.logs import get_logger
@@ -71,19 +71,17 @@ def write_proxy_source(out: Path, seed: int = 1) -> Path:
     for prefix, idx in (("train", keep), ("t10k", np.sort(held))):
         for kind, arr, magic in (("images-idx3", src.array[idx], 0x803), ("labels-idx1", labels[idx].astype(np.uint8), 0x801)):
             path = out / f"{prefix}-{kind}-ubyte.gz"
-            tmp = path.with_suffix(".tmp")
-            with gzip.open(tmp, "wb", compresslevel=1) as f:
+            with atomic_path(path) as tmp, gzip.open(tmp, "wb", compresslevel=1) as f:
                 f.write(magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape) + arr.tobytes())
-            os.replace(tmp, path)
     return out
 
 
 def convert_split(split: str, out: Path, imbalance: Optional[float], root: str = FMNIST) -> Any:
     """Convert once; reuse an existing conversion whose files still match the manifest's hashes."""
+    from data_prep.config import ConvertConfig
     from data_prep.convert import convert
+    from data_prep.manifest import load_manifest
     from data_prep.verify import verify
-    from fastlivt.config import ConvertConfig
-    from fastlivt.manifest import load_manifest
 
     if (out / "manifest.json").is_file():
         problems, _ = verify(out)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+from data_prep.atomic import atomic_path
 
 Results = Dict[str, Dict[str, Any]]  # loss -> metrics of one seed
 METRICS = ("overall", "many", "medium", "few", "ece", "mce")
@@ -139,7 +140,8 @@ def plot_results(per_seed: Dict[int, Results], counts: List[int], path: Path) ->
                  + (" (mean, min–max)" if len(per_seed) > 1 else ""))
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlivt.config import LossConfig
+from fastlivt.config import ConfigError, LossConfig
 from fastlivt.logs import get_logger
 from fastlivt.targets import MixTarget
 
@@ -243,9 +243,9 @@ def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, 
     if not (0.0 <= smoothing < 1.0):
         raise ValueError(f"loss smoothing must be in [0, 1), got {smoothing}")
     if spec.add_log_c and name != "bal_ce":
-        raise ValueError(f"loss.add_log_c applies to loss.name=bal_ce only, not {name}")
+        raise ConfigError(f"loss.add_log_c applies to loss.name=bal_ce only, not {name}")
     if spec.test_prior is not None and name not in ("bal_ce", "bal_bce"):
-        raise ValueError(f"loss.test_prior applies to the balanced losses (bal_ce, bal_bce) only, not {name}")
+        raise ConfigError(f"loss.test_prior applies to the balanced losses (bal_ce, bal_bce) only, not {name}")
     pi = class_priors(class_counts)
     bias = None
     if name == "bal_ce":

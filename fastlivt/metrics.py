@@ -3,7 +3,7 @@
 Conventions (as in LiVT's evaluation):
 - Accuracies and calibration errors are percentages (0–100).
 - ``overall`` is plain top-1 over samples; the groups (from the *training* class counts, via
-  :func:`fastlivt.manifest.shot_groups`: many > 100, medium 20–100, few < 20 images) report the mean of per-class
+  :func:`data_prep.manifest.shot_groups`: many > 100, medium 20–100, few < 20 images) report the mean of per-class
   accuracies over the group's classes that have test samples. A group without such classes is ``None``, never NaN.
 - Confidence is the top softmax probability of the raw logits (the training bias is never applied), or the top
   sigmoid probability with ``confidence="sigmoid"``.
@@ -14,15 +14,14 @@ Conventions (as in LiVT's evaluation):
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
-from fastlivt.manifest import shot_groups
+from data_prep.atomic import atomic_path, write_json_atomic
+from data_prep.manifest import shot_groups
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 GROUPS = ("many", "medium", "few")
@@ -119,19 +118,14 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _plots(bins: Dict[str, np.ndarray], train_counts: np.ndarray, class_acc: np.ndarray, ece: float, out: Path,
@@ -208,13 +202,11 @@ def evaluate_outputs(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    tmp = out / "per_class.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    write_json_atomic(out / "metrics.json", metrics)
+    with atomic_path(out / "per_class.csv") as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["class", "name", "train_count", "test_count", "accuracy"])
         for i in range(c):
             w.writerow([i, names[i], int(counts[i]), int(test_counts[i]), "" if np.isnan(class_acc[i]) else f"{class_acc[i]:.4f}"])
-    os.replace(tmp, out / "per_class.csv")
     _plots(calibration_bins(conf.cpu().numpy(), correct), counts, class_acc, ece, out, confidence)
     return metrics

@@ -17,7 +17,8 @@ from PIL import Image
 from torch import nn
 
 from engine_doubles import MemoryLoader, write_manifest
-from fastlivt.config import ConvertConfig, TrainConfig, from_dict, to_dict
+from data_prep.config import ConvertConfig
+from fastlivt.config import TrainConfig, from_dict, to_dict
 
 CLASSES, COUNTS = 4, [8, 4, 2, 2]  # the tiny training set: 16 images, long-tailed
 
@@ -34,7 +35,7 @@ def describe(obj: Any, depth: int = 4, seen=None) -> Any:
         return (tuple(t.shape), str(t.dtype), round(float(t.double().sum()), 5) if t.numel() else 0)
     if isinstance(obj, (torch.device, torch.dtype, Path)):
         return str(obj)
-    if type(obj).__module__ == "fastlivt.config":  # a component must show what it made of its config, not hold it
+    if type(obj).__module__ in ("fastlivt.config", "data_prep.config"):  # a component must show what it made of its config, not hold it
         return "config"
     if depth == 0 or id(obj) in seen:
         return type(obj).__name__

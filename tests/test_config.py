@@ -4,7 +4,8 @@ import sys
 
 import pytest
 
-from fastlivt.config import ConfigError, ConvertConfig, TrainConfig, load_config, to_dict
+from data_prep.config import ConvertConfig
+from fastlivt.config import ConfigError, TrainConfig, load_config, to_dict
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -20,7 +20,8 @@ import torch
 
 from config_probes import (COUNTS, compile_probe, convert_probe, image_folder, loader_probe, model_probe, run_probe, runtime_probe,
                            task_probe, tiny_train_config, with_keys, write_manifest)
-from fastlivt.config import ConvertConfig, TrainConfig
+from data_prep.config import ConvertConfig
+from fastlivt.config import TrainConfig
 
 # Keys that change no component and no result, each with the reason.
 METADATA_ONLY = {

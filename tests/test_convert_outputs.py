@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from convert_testdata import check_outputs, make_files, read_beton
-from data_prep.cli import main
-from data_prep.sources import Source
 from data_prep.beton_writer import write_beton
+from data_prep.cli import main
+from data_prep.manifest import load_manifest
+from data_prep.sources import Source, SourceError
 from data_prep.writers import StagedImages
-from fastlivt.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"^(train\.beton|train-\d{5}\.(tar|idx)|labels\.npy|manifest\.json)$")
@@ -291,5 +291,6 @@ def test_rerun_replaces_same_split_and_refuses_another(tmp_path, capsys):
     assert "holds the converted 'train' split" in capsys.readouterr().err
     assert main(["--verify", str(tmp_path / "o")]) == 0
     # a conversion that fails while listing leaves the earlier one untouched
-    assert main(base[:2] + [str(tmp_path / "missing")] + base[3:] + ["--out", str(tmp_path / "o")]) == 1
+    with pytest.raises(SourceError, match="missing: not a directory"):
+        main(base[:2] + [str(tmp_path / "missing")] + base[3:] + ["--out", str(tmp_path / "o")])
     assert main(["--verify", str(tmp_path / "o")]) == 0

@@ -70,3 +70,30 @@ def test_proxy_split_holds_out_training_images_only(tmp_path):
     assert sorted(key(pool.array, pool.labels) + key(held.array, held.labels)) == key(full.array, full.labels)
     again = read_fmnist(write_proxy_source(tmp_path / "again"), "test")  # deterministic
     assert np.array_equal(again.labels, held.labels) and np.array_equal(again.array, held.array)
+
+
+_PROXY_WRITER = "import sys; from pathlib import Path; from fastlivt.demo import write_proxy_source; " \
+                "write_proxy_source(Path(sys.argv[1]))"
+
+
+@pytest.mark.skipif(not FMNIST.is_file(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_two_runs_write_one_proxy_source_at_once(tmp_path):
+    # two `fastlivt demo --proxy` runs sharing --data write the same files at the same time
+    import os
+
+    import numpy as np
+
+    from data_prep.sources import read_fmnist
+    from fastlivt.demo import write_proxy_source
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [subprocess.Popen([sys.executable, "-c", _PROXY_WRITER, str(tmp_path / "shared")], env=env,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert all(rc == 0 for rc, _ in results), results
+    alone = write_proxy_source(tmp_path / "alone")
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == sorted(p.name for p in alone.iterdir())
+    for split in ("train", "test"):
+        shared, single = read_fmnist(tmp_path / "shared", split), read_fmnist(alone, split)
+        assert np.array_equal(shared.labels, single.labels) and np.array_equal(shared.array, single.array)

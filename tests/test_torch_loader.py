@@ -16,13 +16,13 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from data_prep.manifest import load_manifest
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_decode as dd
 from fastlivt.data.pil_loader import PILLoader
 from fastlivt.data.sample_rng import train_params
 from fastlivt.data.shards import ShardReader
-from fastlivt.manifest import load_manifest
 
 COUNTS = [14, 8, 5, 3]
 N = sum(COUNTS)
@@ -40,7 +40,7 @@ def _write_split(out, shard_size: int = 12):
     manifest.json without .idx files), so these tests need only torch, torchvision and Pillow."""
     import tarfile
 
-    from fastlivt.manifest import Manifest
+    from data_prep.manifest import Manifest
 
     out.mkdir(parents=True)
     rng = np.random.default_rng(1)

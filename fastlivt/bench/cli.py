@@ -10,13 +10,14 @@ import argparse
 import datetime as dt
 import importlib
 import json
-import os
 import re
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import List, Optional
+
+from data_prep.atomic import atomic_path, write_text_atomic
 
 PARTS = ["data", "attention", "model", "loss", "step", "compiled", "deepspeed"]
 
@@ -97,10 +98,11 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_xlabel("ratio to the baseline measured in the same run (>1 = faster)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def write_results(rows, out: Path, device) -> Path:
@@ -112,9 +114,7 @@ def write_results(rows, out: Path, device) -> Path:
     title = f"fastlivt bench on {dev}, {dt.datetime.now().isoformat(timespec='minutes')}"
     payload = {"device": dev, "date": dt.datetime.now().isoformat(timespec="seconds"), "rows": [r.to_dict() for r in rows]}
     for suffix, text in ((".json", json.dumps(payload, indent=1)), (".md", to_markdown(rows, title))):
-        tmp = out / (stem + suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / (stem + suffix))
+        write_text_atomic(out / (stem + suffix), text)
     plot(rows, out / (stem + ".png"), title)
     return out / stem
 

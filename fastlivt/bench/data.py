@@ -33,8 +33,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from data_prep.config import ConvertConfig
 from fastlivt.bench.common import Row, device_name, sync, unavailable
-from fastlivt.config import ConvertConfig, TrainConfig, load_config
+from fastlivt.config import TrainConfig, load_config
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)

@@ -30,8 +30,9 @@ PHASES = ("loader", "augment", "forward", "loss", "backward", "optimizer")
 
 def _demo_loader(tmp: Path, device: torch.device, batch: int, quick: bool):
     """Convert a small Fashion-MNIST-LT (ffcv raw) and return (build_loader's train loader, backend name)."""
+    from data_prep.config import ConvertConfig
     from data_prep.convert import convert
-    from fastlivt.config import ConvertConfig, TrainConfig, load_config
+    from fastlivt.config import TrainConfig, load_config
     from fastlivt.data import build_loader
 
     ccfg = ConvertConfig(source="fmnist", root=str(FMNIST), split="train", imbalance_factor=100, formats=["ffcv", "dali"],

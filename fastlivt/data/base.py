@@ -25,12 +25,12 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from fastlivt.config import TrainConfig
+from data_prep.manifest import load_manifest
+from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.data.augment import BatchAugment, Normalize
 from fastlivt.data.sample_rng import SampleParams, epoch_positions, train_params
 from fastlivt.data.sampling import LongTailSampler
 from fastlivt.logs import get_logger
-from fastlivt.manifest import load_manifest
 
 STAGES = ("pretrain", "finetune", "eval")
 log = get_logger(__name__)
@@ -47,7 +47,9 @@ def _close_open_loaders() -> None:
             log.warning("closing %s loader at exit: %s", loader.backend, e)
 
 
-def resolve_device(device) -> torch.device:
+def batch_device(device) -> torch.device:
+    """Where a loader puts its batches: ``device`` as given (the runtime's), or, when none is given (``None`` or
+    ``"auto"``: a loader built on its own, e.g. by a benchmark), the current CUDA device, else the CPU."""
     if device is None or device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return torch.device(device)
@@ -81,12 +83,12 @@ class EpochLoader:
             raise ValueError(f"build_loader: stage must be one of {STAGES}, got {stage!r}")
         directory = getattr(cfg.data, split)
         if not directory:
-            raise ValueError(f"data.{split} is empty: set it to the directory holding the converted split's manifest.json")
+            raise ConfigError(f"data.{split} is empty: set it to the directory holding the converted split's manifest.json")
         d = cfg.data
         if d.batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {d.batch_size}")
+            raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
         self.cfg, self.split, self.stage, self.rank, self.world = cfg, split, stage, rank, world
-        self.device = resolve_device(device)
+        self.device = batch_device(device)
         self.manifest = load_manifest(directory)
         self.labels = self.manifest.labels()
         self.num_samples = self.manifest.num_samples

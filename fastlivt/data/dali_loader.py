@@ -31,6 +31,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import numpy as np
 import torch
 
+from fastlivt.config import ConfigError
 from fastlivt.data.base import EpochLoader
 from fastlivt.data.sample_rng import choices, flips, rrc_windows, sample_keys, signs
 from fastlivt.data.shards import ShardReader
@@ -43,12 +44,12 @@ def parse_rand_augment(config: str) -> Dict[str, float]:
     """timm's 'rand-m9-mstd0.5-inc1' -> {'n': 2, 'm': 9, 'mstd': 0.5, 'inc': 1, 'p': 0.5} (timm's defaults filled in)."""
     parts = config.split("-")
     if parts[0] != "rand":
-        raise ValueError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
+        raise ConfigError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
     out: Dict[str, float] = {"n": 2, "m": 10, "mstd": 0.0, "inc": 0, "p": 0.5}
     for part in parts[1:]:
         key, value = (re.split(r"(\d.*)", part) + ["", ""])[:2]  # timm's own parsing: letters, then a number
         if key not in out or not value:
-            raise ValueError(f"data.auto_augment: unsupported RandAugment setting {part!r} in {config!r}")
+            raise ConfigError(f"data.auto_augment: unsupported RandAugment setting {part!r} in {config!r}")
         out[key] = float(value)
     return out
 
@@ -141,7 +142,7 @@ class DALILoader(EpochLoader):
 
         want = cfg.data.dali_device
         if want not in ("auto", "cpu", "gpu"):
-            raise ValueError(f"data.dali_device must be auto, cpu or gpu, got {want!r}")
+            raise ConfigError(f"data.dali_device must be auto, cpu or gpu, got {want!r}")
         cuda = torch.cuda.is_available() and GetCUDADeviceCount() > 0
         if want == "gpu" and not cuda:
             raise RuntimeError("data.dali_device=gpu asks for nvJPEG ('mixed') decoding, but no CUDA device is "

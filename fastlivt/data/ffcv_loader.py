@@ -17,9 +17,9 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
+from data_prep.manifest import ManifestError
 from fastlivt.data.base import EpochLoader
 from fastlivt.logs import get_logger
-from fastlivt.manifest import ManifestError
 
 try:
     from ffcv.traversal_order.base import TraversalOrder

@@ -31,11 +31,13 @@ from timm.data import auto_augment as timm_auto_augment
 from timm.data.auto_augment import RandAugment, rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 
+from fastlivt.config import ConfigError
+
 
 def timm_rand_augment(config: str, img_size: int, mean: Sequence[float], interpolation: str = "bicubic") -> RandAugment:
     """timm's RandAugment for ``config`` with the hyper-parameters ``transforms_imagenet_train`` passes it."""
     if not config.startswith("rand"):
-        raise ValueError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
+        raise ConfigError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
     hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in mean))
     if interpolation and interpolation != "random":
         hparams["interpolation"] = str_to_pil_interp(interpolation)

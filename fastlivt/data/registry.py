@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Type
 
-from fastlivt.config import TrainConfig
+from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.data.base import EpochLoader
 from fastlivt.logs import get_logger
 
@@ -25,7 +25,7 @@ log = get_logger(__name__)
 def backend_class(name: str) -> Type[EpochLoader]:
     """The loader class registered under ``name``, its module imported now."""
     if name not in BACKEND_CLASSES:
-        raise ValueError(f"data.backend: unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
+        raise ConfigError(f"data.backend: unknown backend {name!r} (choose one of {', '.join(BACKENDS)})")
     module_name, _, class_name = BACKEND_CLASSES[name].partition(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(cls, type) and issubclass(cls, EpochLoader) and cls.backend == name):

@@ -26,6 +26,9 @@ from typing import Optional
 
 import numpy as np
 
+from fastlivt.config import ConfigError
+
+
 STRATEGIES = ("instance", "class_balanced", "square_root", "progressive")
 
 
@@ -39,7 +42,7 @@ class LongTailSampler:
     def __init__(self, labels: np.ndarray, num_classes: int, strategy: str = "instance", seed: int = 0,
                  total_epochs: Optional[int] = None, shuffle: bool = True):
         if strategy not in STRATEGIES:
-            raise ValueError(f"data.sampler: unknown strategy {strategy!r} (choose one of {', '.join(STRATEGIES)})")
+            raise ConfigError(f"data.sampler: unknown strategy {strategy!r} (choose one of {', '.join(STRATEGIES)})")
         labels = np.asarray(labels, dtype=np.int64)
         if labels.ndim != 1 or labels.size == 0:
             raise ValueError(f"sampler: labels must be a non-empty 1-d array, got shape {labels.shape}")

@@ -25,7 +25,6 @@ holds the config (JSON) so ``fastlivt evaluate`` can rebuild the model from the 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import re
@@ -36,6 +35,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_path
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -175,17 +175,10 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: str | Path, metadata:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    try:
+    with atomic_path(path, fsync=True) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("exported %d tensors to %s", len(tensors), path)
     return path
 

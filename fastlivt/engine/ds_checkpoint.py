@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from data_prep.atomic import write_text_atomic
 from fastlivt.engine.checkpoint import META_FILE, safe_load
 from fastlivt.logs import get_logger
 
@@ -84,9 +85,7 @@ def save(rt: Any, directory: str, tag: str, meta: Dict[str, Any]) -> None:
         for stale in (old, root / f"{tag}{UNIVERSAL_SUFFIX}"):
             if stale.exists():
                 shutil.rmtree(stale)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(tag)
-        latest_tmp.replace(root / "latest")
+        write_text_atomic(root / "latest", tag)
     rt.barrier()
 
 

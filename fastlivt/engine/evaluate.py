@@ -19,12 +19,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastlivt.config import ConfigError, TrainConfig, from_dict, parse_override, to_dict
+from data_prep.config import parse_override
+from data_prep.manifest import load_manifest
+from fastlivt.config import ConfigError, TrainConfig, from_dict, to_dict
 from fastlivt.engine.checkpoint import read_safetensors, safe_load
 from fastlivt.engine.finetune import EXPORT_FORMAT, predict
 from fastlivt.engine.runtime import resolve_device
 from fastlivt.logs import get_logger
-from fastlivt.manifest import load_manifest
 
 log = get_logger(__name__)
 

@@ -11,11 +11,11 @@ interrupted process) are dropped, so each step appears once.
 from __future__ import annotations
 
 import csv
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
+from data_prep.atomic import atomic_path
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -32,12 +32,10 @@ class CsvLog:
                 reader = csv.DictReader(f)
                 self.fields = list(reader.fieldnames or [])
                 rows = [r for r in reader if r.get("step") not in (None, "") and float(r["step"]) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as f:
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=self.fields)
                 w.writeheader()
                 w.writerows(rows)
-            os.replace(tmp, path)
         elif path.is_file():
             path.unlink()  # a fresh run replaces the old log
 

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from data_prep.manifest import MANIFEST_NAME, sha256_file
 from fastlivt.config import TrainConfig, save_config
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine.logger import TrainLogger, mfu_reference
@@ -35,7 +36,6 @@ from fastlivt.engine.run import LoaderFactory, Run, Task
 from fastlivt.engine.runtime import Runtime
 from fastlivt.engine.schedule import WarmupCosine
 from fastlivt.logs import get_logger
-from fastlivt.manifest import MANIFEST_NAME, sha256_file
 
 log = get_logger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from fastlivt.config import ConfigError
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -55,9 +56,9 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: Optional[fl
             g["lr_scale"] = 1.0
     else:
         if not 0.0 < layer_decay <= 1.0:
-            raise ValueError(f"optim.layer_decay must lie in (0, 1], got {layer_decay}")
+            raise ConfigError(f"optim.layer_decay must lie in (0, 1], got {layer_decay}")
         if not hasattr(model, "group_matcher"):
-            raise ValueError(f"optim.layer_decay={layer_decay} needs a model with group_matcher() (a timm ViT); "
+            raise ConfigError(f"optim.layer_decay={layer_decay} needs a model with group_matcher() (a timm ViT); "
                              f"{type(model).__name__} has none")
         groups = param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
     n_decay = sum(p.numel() for g in groups if g["weight_decay"] > 0 for p in g["params"])

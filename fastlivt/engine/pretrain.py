@@ -9,13 +9,13 @@ encoder alone is exported to ``<run.out>/encoder.safetensors`` (timm ViT names),
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
+from data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError, TrainConfig, to_dict
 from fastlivt.engine.run import Run
 from fastlivt.logs import get_logger
@@ -30,9 +30,8 @@ def write_png(array, path: Path) -> Path:
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path
 
 

@@ -15,6 +15,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
+from fastlivt.config import ConfigError
+
 
 def warmup_cosine(epoch: float, peak_lr: float, min_lr: float, warmup_epochs: float, epochs: float) -> float:
     """The lr at fractional ``epoch`` (MAE's formula; see the module docstring)."""
@@ -41,7 +43,7 @@ class WarmupCosine:
             raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch} (fewer batches than "
                              f"data.batch_size x optim.accum_iter per epoch?)")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} must lie in [0, run.epochs={self.epochs}]")
+            raise ConfigError(f"optim.warmup_epochs={self.warmup_epochs} must lie in [0, run.epochs={self.epochs}]")
 
     @property
     def total_steps(self) -> int:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.checkpoint import safe_load
 from fastlivt.engine.optim import build_adamw
@@ -39,18 +40,11 @@ def checkpoint_file(directory: str | Path, tag: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, flush to disk, then rename: ``path`` is either the old or the new file."""
+    """``torch.save`` to a temporary beside ``path``, flush to disk, then rename: ``path`` is either the old or the
+    new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class TorchRuntime(Runtime):

@@ -12,7 +12,6 @@ loads (:func:`fastlivt.models.vit.load_encoder`).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -23,6 +22,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from data_prep.atomic import atomic_path
+from fastlivt.config import ConfigError
 from fastlivt.models.attention import attention_layer, check_backend_name
 from fastlivt.models.layers import PatchEmbed, compute_dtype
 from fastlivt.models.vit import DECODER_PREFIXES, ENCODER_PREFIXES, arch_spec
@@ -270,9 +271,8 @@ def save_encoder(source: Union[MaskedAutoencoderViT, Mapping[str, torch.Tensor]]
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tensors = {k: v.to("cpu", torch.float32).clone() for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
@@ -280,7 +280,7 @@ def build_mae(model_cfg: Any) -> MaskedAutoencoderViT:
     """:class:`MaskedAutoencoderViT` from a :class:`fastlivt.config.ModelConfig`."""
     spec = arch_spec(model_cfg.arch, model_cfg.embed_dim, model_cfg.depth, model_cfg.num_heads)
     if model_cfg.img_size % model_cfg.patch_size:
-        raise ValueError(f"model.img_size {model_cfg.img_size} is not a multiple of model.patch_size "
+        raise ConfigError(f"model.img_size {model_cfg.img_size} is not a multiple of model.patch_size "
                          f"{model_cfg.patch_size}")
     model = MaskedAutoencoderViT(
         img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, in_chans=model_cfg.in_chans,

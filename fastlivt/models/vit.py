@@ -18,6 +18,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from fastlivt.config import ConfigError
 from fastlivt.logs import get_logger
 from fastlivt.models.attention import attention_layer, check_backend_name
 from fastlivt.models.layers import PatchEmbed, compute_dtype
@@ -41,7 +42,7 @@ def arch_spec(arch: str, embed_dim: int = 0, depth: int = 0, num_heads: int = 0)
     """Width/depth/heads of ``arch`` (``vit_tiny`` or ``tiny`` etc.), each overridden by a non-zero argument."""
     key = arch if arch.startswith("vit_") else f"vit_{arch}"
     if key not in ARCHS:
-        raise ValueError(f"model.arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
+        raise ConfigError(f"model.arch {arch!r} is unknown; choose one of {', '.join(ARCHS)}")
     spec = dict(ARCHS[key])
     for name, value in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)):
         if value:
@@ -74,9 +75,9 @@ def build_vit(arch: str, img_size: int = 224, patch_size: int = 16, num_classes:
     ``with torch.device("meta"):`` to get shapes and parameter counts without memory.
     """
     if global_pool not in ("avg", "token"):
-        raise ValueError(f"model.global_pool must be 'avg' or 'token', got {global_pool!r}")
+        raise ConfigError(f"model.global_pool must be 'avg' or 'token', got {global_pool!r}")
     if img_size % patch_size:
-        raise ValueError(f"model.img_size {img_size} is not a multiple of model.patch_size {patch_size}")
+        raise ConfigError(f"model.img_size {img_size} is not a multiple of model.patch_size {patch_size}")
     spec = arch_spec(arch, embed_dim, depth, num_heads)
     model = ViTClassifier(
         img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool,
@@ -93,7 +94,7 @@ def build_vit_from_config(model_cfg: Any, num_classes: int) -> VisionTransformer
     """:func:`build_vit` from a :class:`fastlivt.config.ModelConfig` (``num_classes`` from the manifest if it is 0)."""
     n = model_cfg.num_classes or num_classes
     if n <= 0:
-        raise ValueError(f"model.num_classes must be > 0 (got config {model_cfg.num_classes}, manifest {num_classes})")
+        raise ConfigError(f"model.num_classes must be > 0 (got config {model_cfg.num_classes}, manifest {num_classes})")
     model = build_vit(model_cfg.arch, img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, num_classes=n,
                       global_pool=model_cfg.global_pool, drop_path=model_cfg.drop_path, attention=model_cfg.attention,
                       in_chans=model_cfg.in_chans, embed_dim=model_cfg.embed_dim, depth=model_cfg.depth,

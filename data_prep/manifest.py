@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from data_prep.atomic import write_json_atomic
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LABELS_NAME = "labels.npy"
@@ -78,13 +80,7 @@ class Manifest:
 
     def save(self, directory: Path) -> Path:
         """Write atomically (temp name + rename)."""
-        directory = Path(directory)
-        tmp = directory / (MANIFEST_NAME + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        final = directory / MANIFEST_NAME
-        tmp.replace(final)
-        return final
+        return write_json_atomic(Path(directory) / MANIFEST_NAME, self.to_json())
 
 
 REQUIRED = ("source", "split", "num_classes", "class_names", "class_counts", "num_samples")
