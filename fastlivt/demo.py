@@ -2,7 +2,7 @@
 
 1. convert Debian's Fashion-MNIST (real images, no download) to Fashion-MNIST-LT (imbalance 100, 14,886 training
    images) and the balanced 10,000-image test set, in both formats (FFCV .beton + DALI shards);
-2. MGP of a small ViT (patch 4 on 32-px inputs, ``configs/fmnist_lt/mgp.yaml``);
+2. MGP of a small ViT (patch 7 on the items' own 28 px: 16 tokens, ``configs/fmnist_lt/mgp.yaml``);
 3. BFT from that one encoder export with each loss ``ce``, ``bce``, ``bal_ce``, ``bal_bce`` (``configs/fmnist_lt/bft.yaml``);
 4. evaluation of each final model (not a test-selected "best") on the test set: overall, many, medium, few, the five
    rarest classes, ECE and MCE; a table (printed, ``results.md``), ``results.json`` and ``results.png``.
@@ -11,8 +11,8 @@
 the seeds, per seed, and which of the paper's claims hold on every seed. Extra ``key=value`` arguments override the
 BFT config of every loss (``fastlivt demo --proxy --seeds 0,1,2 data.mixup=0.8 data.cutmix=1.0``).
 
-``--quick`` shortens every stage (a smoke run, < 3 min); the full run takes about 17 minutes on 2 cores
-(bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``). ``--proxy`` runs the same pipeline on a split of the
+``--quick`` shortens every stage (a smoke run, < 3 min); the full run is sized for 20 minutes on 2 cores in fp32
+(bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``, is faster). ``--proxy`` runs the same pipeline on a split of the
 *training* images only (an LT subset of all but 500 per class, evaluated on those 500 per class): the schedule
 was chosen there, never on the test set.
 """
@@ -34,7 +34,7 @@ log = get_logger(__name__)
 LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
-# The demo's schedule (config overrides per stage), sized for ~17 min on 2 CPU cores (bf16); --quick is a smoke run.
+# The demo's schedule (config overrides per stage), sized for 20 min on 2 CPU cores in fp32; --quick is a smoke run.
 FULL = {"mgp": ["run.epochs=6", "optim.warmup_epochs=1"], "bft": ["run.epochs=10", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}

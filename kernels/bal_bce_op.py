@@ -1,10 +1,13 @@
 """The fused Bal-BCE loss as a differentiable function, and as custom ops for compiled graphs.
 
 :func:`bal_bce` is what callers use. Eagerly it runs :class:`BalBCEFunction`: the forward launches the kernel once
-(loss and gradient), the first backward hands that gradient to autograd after :func:`kernels.bal_bce.scale_grad_`
-(a launch that returns at once, moving no data, when the incoming gradient is exactly 1 — as in ``loss.backward()``);
-a second backward through a retained graph recomputes the gradient. The incoming gradient lives on the device, so
-knowing it is 1 without that tiny launch would cost a host synchronisation.
+(loss and gradient); the first backward hands that gradient to autograd as it is when the incoming gradient is the
+1 of ``loss.backward()``, and otherwise after :func:`kernels.bal_bce.scale_grad_` (one launch, the scale read on
+the device); a second backward through a retained graph recomputes the gradient. The incoming gradient lives on the
+device, so its value cannot be known without a host synchronisation; its *identity* can: the returned loss carries
+a ``backward`` that passes :func:`unit_gradient` (one cached 1 per device and dtype) instead of a fresh ``ones_like``
+(:class:`FusedLoss`), and the backward recognises that tensor. So ``loss.backward()`` costs one launch in all; ``loss.backward(g)``,
+``(loss / k).backward()`` and ``torch.autograd.grad`` stay exact at one launch more.
 
 Under ``torch.compile`` it calls the custom op ``torch.ops.fastlivt.bal_bce`` (``torch.library.custom_op``: the loss
 in one launch, fake implementation, autograd), so dynamo and CUDA graphs take the loss whole, without graph breaks.
@@ -15,7 +18,7 @@ tensors without ``TRITON_INTERPRET=1``) both ops compute the same values with Py
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,32 @@ from kernels.bal_bce import bal_bce_forward, scale_grad_
 from kernels.launch import kernel_available
 
 OP_NAME = "fastlivt::bal_bce"
+_UNITS: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
+
+
+def unit_gradient(like: Tensor) -> Tensor:
+    """The 1 that ``loss.backward()`` passes down from a fused loss: one cached tensor per device and dtype, which the
+    backward recognises by identity (never written: autograd does not modify incoming gradients)."""
+    key = (like.device, like.dtype)
+    if key not in _UNITS:
+        _UNITS[key] = torch.ones((), device=like.device, dtype=like.dtype)
+    return _UNITS[key]
+
+
+def _is_unit(grad: Tensor) -> bool:
+    return _UNITS.get((grad.device, grad.dtype)) is grad
+
+
+class FusedLoss(Tensor):
+    """The scalar a fused loss returns: a plain tensor (operations on it give ``torch.Tensor``s) whose
+    ``backward()`` passes :func:`unit_gradient` as the default gradient, so the kernel's gradient goes on unscaled."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def backward(self, gradient: Optional[Tensor] = None, retain_graph=None, create_graph: bool = False, inputs=None):
+        if gradient is None:
+            gradient = unit_gradient(self)
+        return Tensor.backward(self, gradient, retain_graph, create_graph, inputs=inputs)
 
 
 def torch_loss_and_grad(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
@@ -116,7 +145,8 @@ class BalBCEFunction(torch.autograd.Function):
             lam, smoothing, fast, config = ctx.args
             _, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
                                       target=target, fast=fast, config=config)
-        scale_grad_(grad, grad_loss)
+        if not _is_unit(grad_loss):
+            scale_grad_(grad, grad_loss)
         return grad, None, None, None, None, None, None, None, None
 
 
@@ -140,4 +170,5 @@ def bal_bce(
     """
     if torch.compiler.is_compiling():
         return torch.ops.fastlivt.bal_bce(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast)
-    return BalBCEFunction.apply(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast, config)
+    loss = BalBCEFunction.apply(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast, config)
+    return loss.as_subclass(FusedLoss) if loss.requires_grad else loss  # loss.backward(): no second launch

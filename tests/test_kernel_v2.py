@@ -153,16 +153,47 @@ def test_forward_backward_launches_and_grad_output_handling():
     z = logits.clone().requires_grad_(True)
     before = dict(LAUNCHES)
     bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8).backward()
-    new = {k: LAUNCHES[k] - before.get(k, 0) for k in LAUNCHES}
-    # the fused kernel once; the backward's scale check reads one value and returns (no pass over the gradient)
-    assert new == {"bal_bce": 1, "scale_unless_one": 1}
+    new = {k: LAUNCHES[k] - before.get(k, 0) for k in LAUNCHES if LAUNCHES[k] - before.get(k, 0)}
+    assert new == {"bal_bce": 1}  # loss.backward(): the fused kernel once, its gradient handed over as it is
     assert rel(z.grad, ref_grad) <= 1e-6
     z.grad = None
     loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8)
+    before = dict(LAUNCHES)
     loss.backward(torch.tensor(-3.0), retain_graph=True)
+    assert LAUNCHES["scale_unless_one"] - before.get("scale_unless_one", 0) == 1  # any other gradient: scaled
     assert rel(z.grad, -3.0 * ref_grad) <= 1e-6
     (again,) = torch.autograd.grad(loss, z)  # a second backward through the retained graph recomputes
     assert rel(again, ref_grad) <= 1e-6
+    z.grad = None
+    (bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8) / 4).backward()  # the 1/4 reaches the kernel's gradient
+    assert rel(z.grad, ref_grad / 4) <= 1e-6
+    z.grad = None
+    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8)
+    loss.backward(retain_graph=True)
+    loss.backward()  # the second backward recomputes; both accumulate
+    assert rel(z.grad, 2 * ref_grad) <= 1e-6
+
+
+@needs_kernel
+def test_the_loss_backward_holds_no_cycle_and_the_unit_is_never_written():
+    import gc
+    import weakref
+
+    from kernels.bal_bce_op import unit_gradient
+
+    logits, bias, la, lb = make(4, 12, torch.float32, seed=8)
+    z = logits.clone().requires_grad_(True)
+    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5)
+    ref = weakref.ref(loss)
+    gc.disable()
+    try:
+        del loss
+        assert ref() is None  # freed by reference counting: its graph (and the N x C gradient) goes with it
+    finally:
+        gc.enable()
+    for _ in range(2):
+        bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5).backward()
+    assert unit_gradient(z).item() == 1.0
 
 
 @needs_kernel

@@ -3,7 +3,7 @@
 :func:`mgp_rows` (part ``model``): the visible-only MGP step — encoder, decoder, masked MSE, fused AdamW — ViT-B/16 at
 batch 256 in bf16 on CUDA (ViT-S, batch 8, fp32 on CPU). :func:`bft_rows` (part ``step``): the BFT step — Mixup/CutMix,
 forward, Bal-BCE, backward, fused AdamW — ViT-B/16 224, 1000 classes, batch 256, bf16 on CUDA; on CPU the demo's model
-(``configs/fmnist_lt/bft.yaml``: 96 wide, 6 blocks, 4-px patches at 32 px, 10 classes, batch 128, fp32).
+(``configs/fmnist_lt/bft.yaml``: 96 wide, 6 blocks, 7-px patches at 28 px, 10 classes, batch 128, fp32).
 
 Both variants are built from the same seed, compiled outside the timing, then timed alternately (A B A B ...). Each
 row: images/s, ``extra.mfu`` = model FLOPs per image (:mod:`fastlivt.models.cost`) x images/s / the GEMM peak measured
