@@ -48,7 +48,7 @@ def test_evaluate_and_resume_refuse_a_checkpoint_that_runs_code(tmp_path):
 
     marker = tmp_path / "ran"
     path = crafted(tmp_path / "last.pt", marker)
-    with pytest.raises(ckpt.UnsafeCheckpointError, match=f"{path}: refused to load: it refers to getattr"):
+    with pytest.raises(ckpt.UnsafeCheckpointError, match=f"{path}: refused to load: it refers to (getattr|pathlib.Path)"):
         read_classifier(path)
     cfg = TrainConfig()
     cfg.run.device = "cpu"
@@ -86,3 +86,31 @@ def test_rng_states_survive_weights_only_loading(tmp_path):
     ckpt.seed_everything(99)
     ckpt.restore_rng(ckpt.safe_load(tmp_path / "r.pt")["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == want
+
+
+class _Colour(__import__("enum").Enum):
+    RED = 1
+
+
+class _ByGetattr:
+    """Pickles as ``getattr(target, name)``: how Python 3.11.2 (Debian 12's) pickles enum members."""
+
+    def __init__(self, target, name):
+        self.target, self.name = target, name
+
+    def __reduce__(self):
+        return getattr, (self.target, self.name)
+
+
+def test_enum_members_pickled_by_getattr_load_and_other_getattrs_are_refused(tmp_path):
+    from fastlivt.engine.checkpoint import UnsafeCheckpointError, safe_load
+
+    good = tmp_path / "enum.pt"
+    torch.save({"stage": _ByGetattr(_Colour, "RED")}, good)
+    with torch.serialization.safe_globals([_Colour]):
+        assert safe_load(good) == {"stage": _Colour.RED}
+    for target, name in ((_Colour, "__class__"), (torch.Tensor, "add_")):
+        bad = tmp_path / f"bad_{name}.pt"
+        torch.save({"x": _ByGetattr(target, name)}, bad)
+        with torch.serialization.safe_globals([_Colour]), pytest.raises(UnsafeCheckpointError, match=str(bad.name)):
+            safe_load(bad)

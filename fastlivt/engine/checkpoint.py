@@ -24,6 +24,7 @@ holds the config (JSON) so ``fastlivt evaluate`` can rebuild the model from the 
 """
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 import random
@@ -49,11 +50,19 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint file that would need more than tensors, containers and the allow-listed types to unpickle."""
 
 
+def enum_member(cls: Any, name: Any) -> Any:
+    """What ``builtins.getattr`` may do inside a checkpoint: name a member of an (allow-listed) enum. Some Python
+    versions (3.11.2, Debian 12's) pickle enum members as ``getattr(EnumClass, "member")``; anything else is refused."""
+    if isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__:
+        return cls[name]
+    raise pickle.UnpicklingError(f"GLOBAL builtins.getattr applied to ({cls!r}, {name!r}), not an enum member")
+
+
 def _safe_globals() -> list:
     """Types besides tensors and plain containers that checkpoint files legitimately hold: DeepSpeed's ZeRO optimizer
     files record its stage enum, its (static, fp32: unit) loss scaler and the fragment addresses of ZeRO-1/2 partitions.
-    Unpickling them builds plain data objects."""
-    allowed: list = []
+    Unpickling them builds plain data objects. ``builtins.getattr`` resolves to :func:`enum_member` only."""
+    allowed: list = [(enum_member, "builtins.getattr")]
     if "deepspeed" not in sys.modules:  # only DeepSpeed's own files hold its types; whoever reads them imported it
         return allowed
     try:
