@@ -12,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from data_prep.atomic import atomic_path
 
 Results = Dict[str, Dict[str, Any]]  # loss -> metrics of one seed
 METRICS = ("overall", "many", "medium", "few", "ece", "mce")
@@ -140,8 +139,6 @@ def plot_results(per_seed: Dict[int, Results], counts: List[int], path: Path) ->
                  + (" (mean, min–max)" if len(per_seed) > 1 else ""))
     ax.legend()
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    from fastlivt.metrics import save_figure
+
+    save_figure(fig, path)

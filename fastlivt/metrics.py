@@ -118,7 +118,8 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
 
 
 # ------------------------------------------------------------------------------------------------ files
-def _save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` to ``path`` (write-then-rename) and close it, even when writing fails."""
     import matplotlib.pyplot as plt
 
     try:
@@ -146,7 +147,7 @@ def _plots(bins: Dict[str, np.ndarray], train_counts: np.ndarray, class_acc: np.
            title=f"reliability, ECE {ece:.2f}%")
     ax.legend(loc="upper left")
     fig.tight_layout()
-    _save_figure(fig, out / "reliability.png")
+    save_figure(fig, out / "reliability.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     seen = ~np.isnan(class_acc)
@@ -157,7 +158,7 @@ def _plots(bins: Dict[str, np.ndarray], train_counts: np.ndarray, class_acc: np.
     ax.set(xlabel="training images of the class (log)", ylabel="class accuracy (%)",
            title="accuracy vs class size (few < 20 ≤ medium ≤ 100 < many)")
     fig.tight_layout()
-    _save_figure(fig, out / "acc_vs_class_size.png")
+    save_figure(fig, out / "acc_vs_class_size.png")
 
 
 def evaluate_outputs(

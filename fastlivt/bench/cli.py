@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from data_prep.atomic import atomic_path, write_text_atomic
+from data_prep.atomic import write_text_atomic
 
 PARTS = ["data", "attention", "model", "loss", "step", "compiled", "deepspeed"]
 
@@ -98,11 +98,9 @@ def plot(rows, path: Path, title: str) -> None:
     ax.set_xlabel("ratio to the baseline measured in the same run (>1 = faster)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
+    from fastlivt.metrics import save_figure
+
+    save_figure(fig, path)
 
 
 def write_results(rows, out: Path, device) -> Path:
