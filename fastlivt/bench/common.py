@@ -11,6 +11,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -19,6 +20,17 @@ from fastlivt.models.cost import gemm_peak_flops, gemm_peak_size
 
 IMG, PATCH, MASK = 224, 16, 0.75  # the MGP benchmark's image size, patch size and mask ratio (MAE's)
 DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fmnist_lt" / "bft.yaml"  # the CPU step's model
+
+
+def demo_model_spec() -> Dict[str, Any]:
+    """``build_vit`` keywords of the demo's classifier, read from :data:`DEMO_CONFIG` (so the CPU step rows follow the
+    demo when its model changes)."""
+    from fastlivt.config import TrainConfig, load_config
+
+    m = load_config(TrainConfig, DEMO_CONFIG).model
+    return dict(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
+                num_heads=m.num_heads)
 
 
 @dataclass

@@ -12,13 +12,12 @@ running the first step), CUDA rows ``extra.peak_mem_gb``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator, List
 
 import torch
 
-from fastlivt.bench.common import (DECODER, IMG, MASK, PATCH, Row, autocast, device_name, measure_pair, mfu_extra,
-                                   peak_row, synthetic_batch, unavailable)
+from fastlivt.bench.common import (DECODER, IMG, MASK, PATCH, Row, autocast, demo_model_spec, device_name, measure_pair,
+                                   mfu_extra, peak_row, synthetic_batch, unavailable)
 from fastlivt.models.compile import CompileChoice, compile_criterion, compile_model, graph_breaks
 from fastlivt.models.cost import bft_cost, gemm_peak_flops, mgp_cost
 from fastlivt.models.mae import MaskedAutoencoderViT
@@ -79,12 +78,8 @@ def mgp_rows(arch: str, quick: bool, device: torch.device) -> List[Row]:
     return rows
 
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "fmnist_lt" / "bft.yaml"
-
-
 def bft_rows(quick: bool, device: torch.device) -> List[Row]:
     """The whole BFT step eager vs compiled, images/s with MFU (see the module docstring)."""
-    from fastlivt.config import TrainConfig, load_config
     from fastlivt.data import BatchAugment
     from fastlivt.engine.optim import build_adamw, param_groups
     from fastlivt.config import LossConfig
@@ -92,13 +87,11 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
     from fastlivt.models.vit import build_vit
 
     cuda = device.type == "cuda"
-    m = load_config(TrainConfig, DEMO_CONFIG).model
     if cuda:
         spec = dict(arch="vit_base", img_size=224, patch_size=16, embed_dim=0, depth=0, num_heads=0)
         classes, batch, dtype = 1000, 128 if quick else 256, torch.bfloat16
     else:
-        spec = dict(arch=m.arch, img_size=m.img_size, patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                    num_heads=m.num_heads)
+        spec = demo_model_spec()
         classes, batch, dtype = 10, 64 if quick else 128, torch.float32
     cost = bft_cost(num_classes=classes, **spec)
     name = f"whole BFT step (Mixup/CutMix, fwd, Bal-BCE, bwd, AdamW) {spec['arch']}/{spec['patch_size']} {spec['img_size']}"

@@ -4,9 +4,10 @@ loader (next batch) -> batch augment (RandomErasing + Mixup/CutMix -> MixTarget)
 AdamW step. Each phase is a row (ms per step, its share of the step in ``extra``); the whole step is compared between
 the loss backends measured in the same run (the fused Triton kernel where it can run, against the PyTorch path).
 
-Data: on CPU the Fashion-MNIST-LT demo split (converted into a temporary directory, 32 px, ViT-T/4) read through
-``build_loader``; where no converter/loader backend can run (e.g. a GPU server without FFCV and DALI) the loader phase
-is a row ``unavailable: <reason>`` and the other phases run on synthetic batches of the same shape.
+Model and data on CPU: the demo's (``configs/fmnist_lt/bft.yaml``: its ViT, image size, augmentations and batch),
+the Fashion-MNIST-LT split converted into a temporary directory and read through ``build_loader``; on CUDA ViT-B/16
+at 224 px. Where no converter/loader backend can run (e.g. a GPU server without FFCV and DALI) the loader phase is a
+row ``unavailable: <reason>`` and the other phases run on synthetic batches of the same shape.
 
 Then the whole step eager against torch.compile, with MFU: :func:`fastlivt.bench.compiled.bft_rows`.
 """
@@ -20,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from fastlivt.bench.common import Row, device_name, sync, synthetic_batch
+from fastlivt.bench.common import DEMO_CONFIG, Row, demo_model_spec, device_name, sync, synthetic_batch
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -28,8 +29,8 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist")
 PHASES = ("loader", "augment", "forward", "loss", "backward", "optimizer")
 
 
-def _demo_loader(tmp: Path, device: torch.device, batch: int, quick: bool):
-    """Convert a small Fashion-MNIST-LT (ffcv raw) and return (build_loader's train loader, backend name)."""
+def _demo_loader(tmp: Path, device: torch.device, batch: int):
+    """Convert Fashion-MNIST-LT (ffcv raw) and return (build_loader's train loader for the demo's BFT config, backend)."""
     from data_prep.config import ConvertConfig
     from data_prep.convert import convert
     from fastlivt.config import TrainConfig, load_config
@@ -40,9 +41,8 @@ def _demo_loader(tmp: Path, device: torch.device, batch: int, quick: bool):
     # workers=0: decode in this process. Forking decode workers from a process whose loaders already run threads
     # (an earlier bench part) can deadlock on a lock copied mid-use.
     convert(ccfg, progress=False)
-    cfg = load_config(TrainConfig, None, [f"data.train={tmp / 'train'}", "data.backend=ffcv", "data.img_size=32",
-                                          f"data.batch_size={batch}", "data.workers=2", "data.auto_augment=rand-m9-mstd0.5-inc1",
-                                          "data.mean=[0.286,0.286,0.286]", "data.std=[0.353,0.353,0.353]"])
+    cfg = load_config(TrainConfig, DEMO_CONFIG, [f"data.train={tmp / 'train'}", "data.val=", "data.backend=ffcv",
+                                                 f"data.batch_size={batch}"])
     return build_loader(cfg, "train", "finetune", device=device), "ffcv"
 
 
@@ -86,6 +86,19 @@ def _step_fn(model, opt, loss_fn, augment, next_batch, device, autocast) -> Call
     return step
 
 
+def _cycle(loader) -> Callable[[], Tuple[torch.Tensor, torch.Tensor]]:
+    """next(loader), starting a new epoch when one ends."""
+    state = {"it": iter(loader)}
+
+    def next_batch():
+        try:
+            return next(state["it"])
+        except StopIteration:
+            state["it"] = iter(loader)
+            return next(state["it"])
+    return next_batch
+
+
 def run(quick: bool, device: torch.device) -> List[Row]:
     from fastlivt.data import BatchAugment
     from fastlivt.engine.optim import param_groups
@@ -96,10 +109,13 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     dev = device_name(device)
     on_cuda = device.type == "cuda"
     if on_cuda:  # ViT-B/16 at 224 on ImageNet-LT-like classes
-        arch, img, patch, batch, classes = "vit_base", 224, 16, 128 if not quick else 64, 1000
-    else:  # the demo's ViT-T/4 at 32 px, 10 classes
-        arch, img, patch, batch, classes = "vit_tiny", 32, 4, 64 if quick else 128, 10
-    shape = f"{arch}/{patch} {img}px B={batch} C={classes}"
+        spec = dict(arch="vit_base", img_size=224, patch_size=16)
+        batch, classes = 128 if not quick else 64, 1000
+    else:  # the demo's classifier, 10 classes
+        spec = demo_model_spec()
+        batch, classes = 64 if quick else 128, 10
+    img = spec["img_size"]
+    shape = f"{spec['arch']}/{spec['patch_size']} {img}px B={batch} C={classes}"
     rows: List[Row] = []
     tmp = tempfile.TemporaryDirectory(prefix="fastlivt-bench-step-")
     loader_reason: Optional[str] = None
@@ -107,16 +123,9 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     counts = [max(1, 1000 // (c + 1)) for c in range(classes)]
     if not on_cuda and FMNIST.is_dir():
         try:
-            loader, backend = _demo_loader(Path(tmp.name), device, batch, quick)
+            loader, backend = _demo_loader(Path(tmp.name), device, batch)
             counts = loader.manifest.class_counts
-            state = {"it": iter(loader)}
-
-            def next_batch():
-                try:
-                    return next(state["it"])
-                except StopIteration:
-                    state["it"] = iter(loader)
-                    return next(state["it"])
+            next_batch = _cycle(loader)
         except Exception as e:  # reported as a row, never silently replaced
             loader_reason = f"{type(e).__name__}: {e}"
     else:
@@ -124,9 +133,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
                          "GPU servers here have neither FFCV nor DALI; phases below use synthetic batches")
     if next_batch is None:
         fixed = synthetic_batch(device, batch, img, classes)
-
-        def next_batch():
-            return fixed[0].clone(), fixed[1]
+        next_batch = lambda: (fixed[0].clone(), fixed[1])  # noqa: E731
 
     augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, device=device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else (lambda: torch.autocast("cpu", enabled=False))
@@ -134,7 +141,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     totals: Dict[str, Tuple[float, float]] = {}
     for fused in loss_backends:
         torch.manual_seed(0)
-        model = build_vit(arch, img_size=img, patch_size=patch, num_classes=classes, drop_path=0.1).to(device)
+        model = build_vit(num_classes=classes, drop_path=0.1, **spec).to(device)
         opt = torch.optim.AdamW(param_groups(model, 0.05, 0.75), lr=1e-3, betas=(0.9, 0.99))
         loss_fn = build_loss(LossConfig(name="bal_bce", fused=fused), counts)
         times = _measure(_step_fn(model, opt, loss_fn, augment, next_batch, device, autocast),
