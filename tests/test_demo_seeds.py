@@ -33,6 +33,21 @@ def test_aggregate_mean_std_and_claims_by_hand():
     assert "bal_bce overall higher than ce" not in claims  # ce was not run
 
 
+def test_table6_claims_with_all_four_losses_by_hand():
+    # seed 0: the bias gains 10 for BCE (50 -> 60) and 5 for CE (58 -> 63); seed 1: 4 for BCE, 6 for CE
+    per_seed = {0: {"ce": fake_metrics(58.0, 3.0, medium=20.0), "bce": fake_metrics(50.0, 9.0, medium=10.0),
+                    "bal_ce": fake_metrics(63.0, 8.0, medium=40.0), "bal_bce": fake_metrics(60.0, 4.0, medium=30.0)},
+                1: {"ce": fake_metrics(57.0, 3.0, medium=30.0), "bce": fake_metrics(55.0, 9.0, medium=10.0),
+                    "bal_ce": fake_metrics(63.0, 8.0, medium=25.0), "bal_bce": fake_metrics(59.0, 4.0, medium=30.0)}}
+    claims = {c["claim"]: c for c in aggregate(per_seed)["claims"]}
+    assert claims["bal_ce overall higher than ce"]["holds"] == [True, True]
+    assert claims["bal_ce medium higher than ce"]["holds"] == [True, False]
+    gain = claims["the bias gains more overall for bce (bal_bce - bce) than for ce (bal_ce - ce)"]
+    assert gain["holds"] == [True, False] and gain["all"] is False
+    two = aggregate({s: {k: r[k] for k in ("bal_ce", "bal_bce")} for s, r in per_seed.items()})
+    assert not any(c["claim"].startswith("the bias gains") for c in two["claims"])  # needs all four losses
+
+
 def test_parse_seeds_rejects_bad_lists():
     assert demo.parse_seeds("0,1,2") == [0, 1, 2]
     for bad in ("", "0,0", "a,1"):
