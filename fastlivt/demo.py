@@ -200,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fastlivt.config import ConfigError, TrainConfig, load_config
 
     try:  # a bad override fails now, not after the conversion and MGP
-        load_config(TrainConfig, CONFIGS / "bft.yaml", plan["bft"])
+        bft_loss = load_config(TrainConfig, CONFIGS / "bft.yaml", plan["bft"]).loss
     except ConfigError as e:
         p.error(str(e))
     out = Path(args.out)
@@ -229,9 +229,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     what = "held-out training (proxy val)" if args.proxy else "test"
     header = (f"Fashion-MNIST-LT γ=100 ({train_m.num_samples} train / {test_m.num_samples} {what} images), "
               f"seed(s) {', '.join(map(str, seeds))}, {'quick' if args.quick else 'full'} run, "
-              f"{timings['total_s'] / 60:.1f} min; accuracies and ECE/MCE in %")
+              f"{timings['total_s'] / 60:.1f} min; bias τ {bft_loss.tau:g}, Bal-BCE form {bft_loss.form}; accuracies and "
+              "ECE/MCE in %")
     record = {"quick": args.quick, "proxy": args.proxy, "cpu_bf16": bf16, "plan": plan, "timings": timings,
-              "train_class_counts": train_m.class_counts}
+              "train_class_counts": train_m.class_counts, "loss_form": bft_loss.form, "loss_tau": bft_loss.tau}
     text = write_results(out, header, per_seed, train_m.class_counts, train_m.class_names, record)
     print(text)
     print(f"wrote {out / 'results.md'}, results.json, results.png; per-loss metrics, per-class CSVs and plots under {out}")

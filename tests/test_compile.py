@@ -61,8 +61,8 @@ def test_auto_is_off_on_cpu_on_on_cuda_and_refuses_zero3():
         cpu = resolve_compile("auto", "default", torch.device("cpu"))
     finally:
         logging.getLogger("fastlivt").removeHandler(handler)
-    assert not cpu.enabled and "1.00-1.02x" in cpu.reason
-    assert any("torch.compile off" in r and "1.00-1.02x" in r for r in records), records  # the choice is logged
+    assert not cpu.enabled and "x eager" in cpu.reason  # says what was measured
+    assert any("torch.compile off" in r and cpu.reason in r for r in records), records  # the choice is logged
     cuda = resolve_compile("auto", "reduce-overhead", torch.device("cuda"))
     assert cuda.enabled and cuda.mode == "reduce-overhead"
     assert resolve_compile("on", "default", torch.device("cpu")).enabled

@@ -37,6 +37,12 @@ def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
         assert (out / f"eval_{loss}" / "per_class.csv").is_file() and (out / f"eval_{loss}" / "reliability.png").is_file()
     table = (out / "results.md").read_text()
     assert "| ce |" in table and "| bal_bce |" in table and "Ankle boot (n=60)" in table
+    # the Bal-BCE form the demo config chose is the one trained, recorded and shown
+    import yaml
+
+    form = yaml.safe_load((Path(__file__).parents[1] / "configs/fmnist_lt/bft.yaml").read_text())["loss"]["form"]
+    assert yaml.safe_load((out / "bft_bal_bce" / "config.yaml").read_text())["loss"]["form"] == form
+    assert res["loss_form"] == form and f"Bal-BCE form {form}" in table
     assert (out / "results.png").stat().st_size > 0
     # a second run reuses the verified conversion instead of converting again, and redoes a corrupted one
     from fastlivt.demo import convert_split

@@ -9,7 +9,7 @@ Each region is compiled in place with :meth:`torch.nn.Module.compile`, so parame
 and ``copy.deepcopy`` (EMA) are unchanged; DDP and DeepSpeed ZeRO-1/2 wrap the model as usual.
 
 ``run.compile``: ``on`` | ``off`` | ``auto``. ``auto`` compiles on CUDA; on CPU it stays eager: measured on 2 cores,
-the compiled demo step ran 1.00-1.02x eager (Inductor's CPU GEMMs are the same extern kernels), so the compile time
+the compiled demo step ran 0.89-1.02x eager (Inductor's CPU GEMMs are the same extern kernels), so the compile time
 (tens of seconds) would never be won back. ZeRO-3 gathers parameters in module hooks, which cannot sit inside a
 compiled block: ``on`` with ZeRO-3 is a :class:`~fastlivt.config.ConfigError`, ``auto`` stays eager there.
 ``run.compile_mode`` is Inductor's mode (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``, ...).
@@ -27,7 +27,7 @@ from fastlivt.logs import get_logger
 log = get_logger(__name__)
 COMPILE_CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"  # torch.compile backend of every region (tests that count graph breaks may use "aot_eager")
-CPU_REASON = ("auto -> off on CPU: compiled ran 1.00-1.02x eager for the demo ViT on this kind of machine (the GEMMs "
+CPU_REASON = ("auto -> off on CPU: compiled ran 0.89-1.02x eager for the demo ViT on this kind of machine (the GEMMs "
               "are the same extern kernels), not worth the compile time; run.compile=on forces it")
 
 
