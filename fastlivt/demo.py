@@ -35,7 +35,7 @@ LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
 # The demo's schedule (config overrides per stage): MGP 5 epochs, BFT 6 per loss, sized for 20 min on 2 AVX2 CPU cores in
-# fp32 (measured: one 10-epoch BFT took 6.6 min there); --quick is a smoke run.
+# fp32 (measured end to end: 7.7-10.0 min; ~19.5 min by the slowest rates seen on the same machine); --quick: a smoke run.
 FULL = {"mgp": ["run.epochs=5", "optim.warmup_epochs=1"], "bft": ["run.epochs=6", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}

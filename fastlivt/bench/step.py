@@ -30,7 +30,7 @@ PHASES = ("loader", "augment", "forward", "loss", "backward", "optimizer")
 
 
 def _demo_loader(tmp: Path, device: torch.device, batch: int):
-    """Convert Fashion-MNIST-LT (ffcv raw) and return (build_loader's train loader for the demo's BFT config, backend)."""
+    """Convert Fashion-MNIST-LT (ffcv raw) and return build_loader's train loader for the demo's BFT config."""
     from data_prep.config import ConvertConfig
     from data_prep.convert import convert
     from fastlivt.config import TrainConfig, load_config
@@ -43,7 +43,7 @@ def _demo_loader(tmp: Path, device: torch.device, batch: int):
     convert(ccfg, progress=False)
     cfg = load_config(TrainConfig, DEMO_CONFIG, [f"data.train={tmp / 'train'}", "data.val=", "data.backend=ffcv",
                                                  f"data.batch_size={batch}"])
-    return build_loader(cfg, "train", "finetune", device=device), "ffcv"
+    return build_loader(cfg, "train", "finetune", device=device)
 
 
 def _measure(step_fn: Callable[[], Dict[str, float]], warmup: int, repeats: int) -> Dict[str, List[float]]:
@@ -123,7 +123,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
     counts = [max(1, 1000 // (c + 1)) for c in range(classes)]
     if not on_cuda and FMNIST.is_dir():
         try:
-            loader, backend = _demo_loader(Path(tmp.name), device, batch)
+            loader = _demo_loader(Path(tmp.name), device, batch)
             counts = loader.manifest.class_counts
             next_batch = _cycle(loader)
         except Exception as e:  # reported as a row, never silently replaced
