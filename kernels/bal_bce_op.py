@@ -16,8 +16,7 @@ loss's dtype — what ``(loss / k).backward()`` and ``(loss * w).backward()`` pa
 2^17 at least) or w. Any other incoming gradient — ``loss.backward(g)``, ``(w * loss).backward()`` with
 another weight — is an error (a RuntimeError on the CPU, a device-side assertion on CUDA), never a silently wrong
 gradient: give the weight as ``grad_scale`` instead. The buffer is not modified, so a second backward through a
-retained graph gives the same gradient eagerly; a compiled backward donates its saved buffers and PyTorch refuses
-``retain_graph`` there with its own error.
+retained graph gives the same gradient, eager and compiled.
 
 Where the kernel cannot run (CPU tensors without ``TRITON_INTERPRET=1``) the op computes the same values with PyTorch
 ops.

@@ -68,7 +68,11 @@ def test_compiled_fullgraph_has_no_graph_breaks_and_matches_eager():
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     zc, ze = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
     loss = compiled(zc, bias, la, lb, 0.5)
-    (loss / 2).backward()  # the weight declared as grad_scale
+    (loss / 2).backward(retain_graph=True)  # the weight declared as grad_scale
+    first = zc.grad.clone()
+    (loss * 0.5).backward()  # again through the retained graph: the kept gradient was not modified
+    assert torch.equal(zc.grad, 2 * first)
+    zc.grad = first
     eager = loss_fn(ze, bias, la, lb, 0.5)
     (eager / 2).backward()
     assert rel(loss, ref_loss) <= 1e-6 and rel(zc.grad, 0.5 * ref_grad) <= 1e-6
