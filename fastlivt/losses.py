@@ -112,11 +112,17 @@ class LongTailLoss(nn.Module):
     Buffers: ``bias`` [C] = b (unscaled, fp32; zeros for ce/bce) and ``scaled_bias`` = τ·b, the tensor actually added.
     ``backend`` is ``"triton"`` or ``"torch"`` — the path of the last call (before any call: the path CUDA logits would
     take if CUDA is available, else CPU logits). The bias only ever enters the loss; nothing here changes logits.
+    ``grad_scale``: the gradient the loss's backward receives — the weight the training runtime gives each
+    micro-batch's loss (1 / accumulation steps). The fused path writes its gradient already so weighted, in the
+    forward's single pass (:mod:`kernels.bal_bce_op`); the PyTorch paths take the weight from autograd as usual.
     """
 
     def __init__(self, name: str, bias: Optional[torch.Tensor], num_classes: int, tau: float, fused: str,
-                 smoothing: float, form: str) -> None:
+                 smoothing: float, form: str, grad_scale: float = 1.0) -> None:
         super().__init__()
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"loss {name}: grad_scale must be a positive number, got {grad_scale}")
+        self.grad_scale = float(grad_scale)
         self.name, self.num_classes, self.tau, self.fused, self.smoothing, self.form = name, num_classes, tau, fused, smoothing, form
         self.family = "bce" if name.endswith("bce") else "ce"
         self.has_bias = bias is not None
@@ -173,10 +179,10 @@ class LongTailLoss(nn.Module):
 
         if isinstance(target, MixTarget):
             return bal_bce(logits, bias, label_a=target.label_a, label_b=target.label_b, lam=target.lam,
-                           smoothing=target.smoothing)
+                           smoothing=target.smoothing, grad_scale=self.grad_scale)
         if target.is_floating_point():
-            return bal_bce(logits, bias, target=target)
-        return bal_bce(logits, bias, label_a=target, smoothing=self.smoothing)
+            return bal_bce(logits, bias, target=target, grad_scale=self.grad_scale)
+        return bal_bce(logits, bias, label_a=target, smoothing=self.smoothing, grad_scale=self.grad_scale)
 
     @staticmethod
     def _compute_view(logits: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -226,7 +232,7 @@ class LongTailLoss(nn.Module):
 
 
 def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, torch.Tensor],
-               smoothing: float = 0.0) -> LongTailLoss:
+               smoothing: float = 0.0, grad_scale: float = 1.0) -> LongTailLoss:
     """The training loss of the config section ``spec`` (:class:`fastlivt.config.LossConfig`, handed over whole) for
     a training set of ``class_counts``; called as ``loss(logits, target)``.
 
@@ -235,7 +241,8 @@ def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, 
     so set tau=1 to reproduce it) — Bal-BCE only. spec.fused: ``"auto"`` (Triton kernel on CUDA or under
     TRITON_INTERPRET=1, PyTorch otherwise), ``"triton"`` (an error where it cannot run), ``"torch"``.
     spec.test_prior / spec.add_log_c: see :func:`logit_bias`. smoothing (``data.smoothing``): label smoothing applied
-    to hard-label targets (MixTarget carries its own).
+    to hard-label targets (MixTarget carries its own). grad_scale: the weight the caller gives the loss before
+    ``backward`` (see :class:`LongTailLoss`).
     """
     name, form, fused, tau = spec.name, spec.form, spec.fused, spec.tau  # choices checked by LossConfig
     if fused == "triton" and not name.endswith("bce"):
@@ -253,7 +260,7 @@ def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, 
     elif name == "bal_bce":
         bias_form = "bal_bce" if form == "paper" else "bal_bce_official"
         bias = logit_bias(class_counts, bias_form, 1.0, test_prior=spec.test_prior)
-    loss = LongTailLoss(name, bias, pi.size, float(tau), fused, float(smoothing), form)
+    loss = LongTailLoss(name, bias, pi.size, float(tau), fused, float(smoothing), form, grad_scale)
     if fused == "triton":
         loss.backend_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fail early, clearly
     return loss

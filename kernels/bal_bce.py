@@ -22,8 +22,9 @@ label elements it owns (rewrites their gradient, subtracts (on − off)·w·x fr
 flash-attention do for the label logit. The loss keeps its linear part Σ max(x, 0) − x·y apart from the log terms until
 that subtraction, so confident logits (loss ≈ e^-margin) keep their relative accuracy. A dense-target variant reads y.
 
-The gradient is written only when asked (``write_grad``), optionally multiplied by a one-element device tensor
-(``grad_scale``: a compiled backward's grad_output, read on the device). The scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
+The gradient is written only when asked (``write_grad``), multiplied by ``grad_scale`` (a number: the gradient the
+loss's backward will receive, see :mod:`kernels.bal_bce_op`), so that the backward hands it on without another pass. The
+scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
 program adds the partials in a fixed order (deterministic) and resets the counter (ATen's last-block reduction). A label
 outside [0, C) makes the loss NaN (a host check would synchronise).
 
@@ -47,7 +48,7 @@ import triton.language as tl
 from kernels.launch import (ACC_TL, interpreter_enabled, kernel_available, launch_args, launch_config, record_launch,
                             use_asm)
 
-__all__ = ["bal_bce_forward", "scale_grad_", "kernel_available", "interpreter_enabled", "launch_config", "use_asm"]
+__all__ = ["bal_bce_forward", "kernel_available", "interpreter_enabled", "launch_config", "use_asm"]
 
 LN2 = math.log(2.0)
 
@@ -146,10 +147,10 @@ def _bal_bce_kernel(
     la_ptr, lb_ptr, lam, off, on_minus_off,  # compact target (if not DENSE)
     y_ptr,  # dense target, flat [N·C] (if DENSE)
     grad_ptr,  # out: gradient, flat [N·C], logits' dtype (written only if WRITE_GRAD)
-    scale_ptr,  # the gradient's scale: one value (read only if HAS_SCALE; a compiled graph's grad_output)
+    grad_mul,  # the gradient's factor besides 1/N (the incoming gradient the backward expects)
     part_ptr, count_ptr, loss_ptr,  # per-program partial sums [N], arrival counter [1] (int32, left at 0), loss [1]
     N, C,
-    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     FAST: tl.constexpr, ASM: tl.constexpr, ACC: tl.constexpr, G: tl.constexpr, BLOCK: tl.constexpr,
     RBLOCK: tl.constexpr, ROWS: tl.constexpr, CAND: tl.constexpr, LACC: tl.constexpr,
 ):
@@ -160,9 +161,7 @@ def _bal_bce_kernel(
     e = tl.minimum(row + ROWS, N).to(tl.int64) * C
     n_owned = (((e + (G - 1)) // G) * G - o0).to(tl.int32)  # a multiple of G, < ROWS·C + G
     inv_n = 1.0 / tl.cast(N, ACC)
-    g_scale = inv_n  # the gradient's factor
-    if HAS_SCALE:
-        g_scale = inv_n * tl.load(scale_ptr).to(ACC)
+    g_scale = inv_n * grad_mul  # the gradient's factor
     d = (o0 - s).to(tl.int32)  # this row's phase: element o0 + m is class (m + d) mod C
     z_row = z_ptr + o0
     g_row = grad_ptr + o0
@@ -223,17 +222,6 @@ def _bal_bce_kernel(
         tl.atomic_xchg(count_ptr, 0)
 
 
-@triton.jit
-def _scale_unless_one(g_ptr, s_ptr, numel, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """g *= s in place; every program returns at once when s == 1."""
-    s = tl.load(s_ptr).to(ACC)
-    if s != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < numel
-        g = tl.load(g_ptr + offs, mask=m).to(ACC)
-        tl.store(g_ptr + offs, (g * s).to(g_ptr.dtype.element_ty), mask=m)
-
-
 _TABLES: Dict[tuple, Tuple[torch.Tensor, int, torch.Tensor]] = {}
 
 
@@ -266,7 +254,7 @@ def bal_bce_forward(
     target: Optional[torch.Tensor] = None,
     grad_out: Optional[torch.Tensor] = None,
     write_grad: bool = True,
-    grad_scale: Optional[torch.Tensor] = None,
+    grad_scale: float = 1.0,
     fast: Optional[bool] = None,
     config: Optional[Tuple[int, int]] = None,
     rows: Optional[int] = None,
@@ -276,8 +264,8 @@ def bal_bce_forward(
     logits: [N, C] fp32/bf16/fp16/fp64. bias: τ-scaled logit bias [C] or None. Targets: either ``target`` (dense
     [N, C]) or ``label_a``/``label_b`` [N] with ``lam`` and ``smoothing`` (``label_b`` defaults to ``label_a``).
     ``grad_out``: optional contiguous [N, C] buffer of the logits' dtype for the gradient; ``write_grad=False`` skips
-    the gradient (returns None); ``grad_scale``: a one-element tensor the gradient is multiplied by (read on the
-    device). ``fast``: the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
+    the gradient (returns None); ``grad_scale``: the number the gradient is multiplied by (besides 1/N). ``fast``:
+    the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
     (BLOCK, num_warps) to override :func:`launch_config`; ``rows``: rows per program (default
     :func:`~kernels.launch.rows_per_program`). Returns the loss (fp32 scalar; fp64 for fp64 logits) and
     the gradient.
@@ -285,17 +273,7 @@ def bal_bce_forward(
     args, constexprs, grid, num_warps, keep = launch_args(logits, bias, label_a, label_b, lam, smoothing, target,
                                                           grad_out, write_grad, grad_scale, fast, config, bias_table,
                                                           rows)
-    record_launch("bal_bce")
+    passes = ["logits read"] + (["target read"] if target is not None else [])
+    record_launch("bal_bce", passes + (["gradient written"] if keep["grad"] is not None else []))
     _bal_bce_kernel[grid](*args, **constexprs, num_warps=num_warps)
     return keep["loss"], keep["grad"]
-
-
-def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """grad *= scale (a one-element tensor) in place; one launch and no traffic when scale == 1."""
-    numel = grad.numel()
-    block = min(triton.next_power_of_2(numel), 1 << 16) if interpreter_enabled() else 4096
-    record_launch("scale_unless_one")
-    _scale_unless_one[(triton.cdiv(numel, block),)](grad, scale.reshape(()).contiguous(), numel,
-                                                    ACC=ACC_TL[grad.dtype], BLOCK=block, num_warps=4)
-    return grad
-

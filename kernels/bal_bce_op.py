@@ -1,65 +1,48 @@
-"""The fused Bal-BCE loss as a differentiable function, and as custom ops for compiled graphs.
+"""The fused Bal-BCE loss as one differentiable custom op, ``torch.ops.fastlivt.bal_bce``, for eager and compiled code.
 
-:func:`bal_bce` is what callers use. Eagerly it runs :class:`BalBCEFunction`: the forward launches the kernel once
-(loss and gradient); the first backward hands that gradient to autograd as it is when the incoming gradient is the
-1 of ``loss.backward()``, and otherwise after :func:`kernels.bal_bce.scale_grad_` (one launch, the scale read on
-the device); a second backward through a retained graph recomputes the gradient. The incoming gradient lives on the
-device, so its value cannot be known without a host synchronisation; its *identity* can: the returned loss carries
-a ``backward`` that passes :func:`unit_gradient` (one cached 1 per device and dtype) instead of a fresh ``ones_like``
-(:class:`FusedLoss`), and the backward recognises that tensor. So ``loss.backward()`` costs one launch in all; ``loss.backward(g)``,
-``(loss / k).backward()`` and ``torch.autograd.grad`` stay exact at one launch more.
+:func:`bal_bce` is what callers use; eagerly and under ``torch.compile`` alike it calls the op
+(``torch.library.custom_op`` with a fake implementation and autograd), so dynamo and CUDA graphs take the loss whole,
+without graph breaks, and both paths have the same cost and the same numbers.
 
-Under ``torch.compile`` it calls the custom op ``torch.ops.fastlivt.bal_bce`` (``torch.library.custom_op``: the loss
-in one launch, fake implementation, autograd), so dynamo and CUDA graphs take the loss whole, without graph breaks.
-Its backward is the op ``torch.ops.fastlivt.bal_bce_grad``: the gradient recomputed in one launch, multiplied by
-grad_output on the device — functional (safe for retained graphs) and one read + one write of N × C, where saving the
-forward's gradient would cost a write in the forward and a read + write to scale it. Where the kernel cannot run (CPU
-tensors without ``TRITON_INTERPRET=1``) both ops compute the same values with PyTorch ops.
+Forward: one kernel launch gives the loss and, when the logits need a gradient, ∂loss/∂logits — the logits are read
+once and the gradient written once, already multiplied by ``grad_scale``: the gradient the loss's backward will
+receive. That is the weight the training runtime gives each micro-batch's loss (``1 / accumulation steps``; 1 for a
+plain ``loss.backward()``). The gradient is the op's second output, kept for the backward.
+
+Backward: hands that buffer on as it is — no recomputation and no pass over the N × C gradient. The incoming gradient
+lives on the device, so its value cannot be known without a host synchronisation; it is checked there instead
+(``torch._assert_async``: one value compared, asynchronous on CUDA): it must equal ``grad_scale`` rounded to the
+loss's dtype — what ``(loss / k).backward()`` and ``(loss * w).backward()`` pass for ``grad_scale`` = 1/k (k up to
+2^17 at least) or w. Any other incoming gradient — ``loss.backward(g)``, ``(w * loss).backward()`` with
+another weight — is an error (a RuntimeError on the CPU, a device-side assertion on CUDA), never a silently wrong
+gradient: give the weight as ``grad_scale`` instead. The buffer is not modified, so a second backward through a
+retained graph gives the same gradient, eager and compiled.
+
+Where the kernel cannot run (CPU tensors without ``TRITON_INTERPRET=1``) the op computes the same values with PyTorch
+ops.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from kernels.bal_bce import bal_bce_forward, scale_grad_
+from kernels.bal_bce import bal_bce_forward
 from kernels.launch import kernel_available
 
 OP_NAME = "fastlivt::bal_bce"
-_UNITS: Dict[Tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-def unit_gradient(like: Tensor) -> Tensor:
-    """The 1 that ``loss.backward()`` passes down from a fused loss: one cached tensor per device and dtype, which the
-    backward recognises by identity (never written: autograd does not modify incoming gradients)."""
-    key = (like.device, like.dtype)
-    if key not in _UNITS:
-        _UNITS[key] = torch.ones((), device=like.device, dtype=like.dtype)
-    return _UNITS[key]
-
-
-def _is_unit(grad: Tensor) -> bool:
-    return _UNITS.get((grad.device, grad.dtype)) is grad
-
-
-class FusedLoss(Tensor):
-    """The scalar a fused loss returns: a plain tensor (operations on it give ``torch.Tensor``s) whose
-    ``backward()`` passes :func:`unit_gradient` as the default gradient, so the kernel's gradient goes on unscaled."""
-
-    __torch_function__ = torch._C._disabled_torch_function_impl
-
-    def backward(self, gradient: Optional[Tensor] = None, retain_graph=None, create_graph: bool = False, inputs=None):
-        if gradient is None:
-            gradient = unit_gradient(self)
-        return Tensor.backward(self, gradient, retain_graph, create_graph, inputs=inputs)
+SCALE_MISMATCH = ("fastlivt::bal_bce: the incoming gradient differs from grad_scale (the gradient its forward wrote "
+                  "is grad_scale x dloss/dlogits); call backward on the loss weighted by grad_scale, or set grad_scale "
+                  "to the weight")
 
 
 def torch_loss_and_grad(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
-                        target: Optional[Tensor], lam: float, smoothing: float) -> Tuple[Tensor, Tensor]:
-    """The same (loss, gradient) with PyTorch ops, in fp32 (fp64 for fp64 logits): the op's path without Triton."""
+                        target: Optional[Tensor], lam: float, smoothing: float,
+                        grad_scale: float = 1.0) -> Tuple[Tensor, Tensor]:
+    """The same (loss, grad_scale · gradient) with PyTorch ops, in fp32 (fp64 for fp64 logits): the op's path
+    without Triton."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     x = logits.to(acc)
     x = x + bias.to(acc) if bias is not None else x
@@ -73,81 +56,46 @@ def torch_loss_and_grad(logits: Tensor, bias: Optional[Tensor], label_a: Optiona
     else:
         y = target.to(acc)
     loss = F.binary_cross_entropy_with_logits(x, y, reduction="sum") / n
-    grad = ((torch.sigmoid(x) - y) / n).to(logits.dtype)
+    grad = ((torch.sigmoid(x) - y) * (grad_scale / n)).to(logits.dtype)
     return loss, grad
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def bal_bce_op(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
-               target: Optional[Tensor], lam: float, smoothing: float, fast: Optional[bool]) -> Tensor:
-    """The fused loss (a scalar; fp64 for fp64 logits), no gradient pass."""
+               target: Optional[Tensor], lam: float, smoothing: float, fast: Optional[bool], grad_scale: float,
+               write_grad: bool, config: Optional[List[int]]) -> Tuple[Tensor, Tensor]:
+    """(loss: a scalar, fp64 for fp64 logits; grad_scale · ∂loss/∂logits in the logits' dtype, or an empty tensor
+    without ``write_grad``) in one kernel launch."""
     if kernel_available(logits.device)[0]:
-        return bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                               target=target, write_grad=False, fast=fast)[0]
-    return torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing)[0]
-
-
-@torch.library.custom_op(OP_NAME + "_grad", mutates_args=())
-def bal_bce_grad_op(logits: Tensor, bias: Optional[Tensor], label_a: Optional[Tensor], label_b: Optional[Tensor],
-                    target: Optional[Tensor], lam: float, smoothing: float, fast: Optional[bool],
-                    grad_loss: Tensor) -> Tensor:
-    """∂loss/∂logits · grad_loss in the logits' dtype (grad_loss: one value, read on the device)."""
-    if kernel_available(logits.device)[0]:
-        return bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                               target=target, grad_scale=grad_loss.reshape(1), fast=fast)[1]
-    grad = torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing)[1]
-    return (grad.to(grad_loss.dtype) * grad_loss).to(logits.dtype)
+        loss, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
+                                     target=target, write_grad=write_grad, grad_scale=grad_scale, fast=fast,
+                                     config=tuple(config) if config else None)
+    else:
+        loss, grad = torch_loss_and_grad(logits, bias, label_a, label_b, target, lam, smoothing, grad_scale)
+    return loss, grad if write_grad else logits.new_empty((0,))
 
 
 @bal_bce_op.register_fake
-def _bal_bce_fake(logits, bias, label_a, label_b, target, lam, smoothing, fast):
-    return logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-
-
-@bal_bce_grad_op.register_fake
-def _bal_bce_grad_fake(logits, bias, label_a, label_b, target, lam, smoothing, fast, grad_loss):
-    return logits.new_empty(logits.shape)
+def _bal_bce_fake(logits, bias, label_a, label_b, target, lam, smoothing, fast, grad_scale, write_grad, config):
+    loss = logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return loss, logits.new_empty(logits.shape if write_grad else (0,))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, bias, label_a, label_b, target, lam, smoothing, fast = inputs
-    ctx.save_for_backward(logits, bias, label_a, label_b, target)
-    ctx.args = (lam, smoothing, fast)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+    ctx.grad_scale, ctx.write_grad = inputs[8], inputs[9]
 
 
-def _backward(ctx, grad_loss: Tensor):
-    logits, bias, label_a, label_b, target = ctx.saved_tensors
-    grad = torch.ops.fastlivt.bal_bce_grad(logits, bias, label_a, label_b, target, *ctx.args, grad_loss)
-    return grad, None, None, None, None, None, None, None
+def _backward(ctx, grad_loss: Tensor, _grad_of_grad):
+    if not ctx.write_grad:
+        raise RuntimeError("fastlivt::bal_bce: backward through a call with write_grad=False (no gradient was written)")
+    (grad,) = ctx.saved_tensors
+    torch._assert_async(grad_loss == ctx.grad_scale, SCALE_MISMATCH)  # the scale rounds to grad_loss's dtype
+    return grad, None, None, None, None, None, None, None, None, None, None
 
 
 bal_bce_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class BalBCEFunction(torch.autograd.Function):
-    """Eager autograd wrapper: forward launches the fused kernel; backward returns its gradient buffer (scaled)."""
-
-    @staticmethod
-    def forward(ctx, logits, bias, label_a, label_b, target, lam, smoothing, fast, config):
-        loss, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                                     target=target, write_grad=ctx.needs_input_grad[0], fast=fast, config=config)
-        ctx.save_for_backward(logits, bias, label_a, label_b, target)
-        ctx.grad = grad
-        ctx.args = (lam, smoothing, fast, config)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        grad, ctx.grad = ctx.grad, None  # hand the buffer over; autograd owns it from here
-        if grad is None:  # a second backward through a retained graph
-            logits, bias, label_a, label_b, target = ctx.saved_tensors
-            lam, smoothing, fast, config = ctx.args
-            _, grad = bal_bce_forward(logits, bias, label_a=label_a, label_b=label_b, lam=lam, smoothing=smoothing,
-                                      target=target, fast=fast, config=config)
-        if not _is_unit(grad_loss):
-            scale_grad_(grad, grad_loss)
-        return grad, None, None, None, None, None, None, None, None
 
 
 def bal_bce(
@@ -161,14 +109,16 @@ def bal_bce(
     target: Optional[Tensor] = None,
     fast: Optional[bool] = None,
     config: Optional[Tuple[int, int]] = None,
+    grad_scale: float = 1.0,
 ) -> Tensor:
     """The differentiable fused loss: Σ_c BCE(logits + bias, y) averaged over the batch (see :mod:`kernels.bal_bce`).
 
     Give either a dense ``target`` [N, C] or ``label_a`` (and optionally ``label_b``, ``lam``, ``smoothing``);
     hard labels are ``label_a`` alone. Gradients flow to ``logits`` only. ``fast``: approximate PTX math (None: on
-    for bf16/fp16 logits). ``config``: (BLOCK, num_warps), eager only.
+    for bf16/fp16 logits). ``config``: (BLOCK, num_warps). ``grad_scale``: the gradient the loss's backward will
+    receive (the weight its caller gives the loss before ``backward``; see the module docstring).
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.fastlivt.bal_bce(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast)
-    loss = BalBCEFunction.apply(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast, config)
-    return loss.as_subclass(FusedLoss) if loss.requires_grad else loss  # loss.backward(): no second launch
+    write_grad = logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastlivt.bal_bce(logits, bias, label_a, label_b, target, float(lam), float(smoothing), fast,
+                                         float(grad_scale), write_grad, list(config) if config else None)
+    return loss

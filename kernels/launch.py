@@ -5,9 +5,10 @@ The argument list is built in one place (:func:`launch_args`) so that the real l
 """
 from __future__ import annotations
 
+import math
 import os
 from collections import Counter
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import triton
@@ -16,10 +17,13 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 ACC_TL = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.float32, torch.float16: tl.float32}
 LAUNCHES: Counter = Counter()  # kernel launches by name since import (``fastlivt bench loss`` counts them per call)
+PASSES: Counter = Counter()  # whole N x C passes of those launches: "logits read", "target read", "gradient written"
 
 
-def record_launch(name: str) -> None:
+def record_launch(name: str, passes: Iterable[str] = ()) -> None:
+    """Count one launch of kernel ``name`` and the whole [N, C] arrays it reads or writes (``passes``)."""
     LAUNCHES[name] += 1
+    PASSES.update(passes)
 
 
 def interpreter_enabled() -> bool:
@@ -129,7 +133,7 @@ def check_inputs(logits: torch.Tensor, bias, label_a, label_b, target) -> None:
 
 
 def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smoothing: float, target, grad_out,
-                write_grad: bool, grad_scale: Optional[torch.Tensor], fast: Optional[bool],
+                write_grad: bool, grad_scale: float, fast: Optional[bool],
                 config: Optional[Tuple[int, int]],
                 bias_table: Callable[[torch.Tensor, int, int, int], Tuple[torch.Tensor, int]], rows: Optional[int] = None):
     """(positional args, constexprs, grid, num_warps, {"loss", "grad"}) of one launch of ``_bal_bce_kernel``."""
@@ -169,13 +173,12 @@ def launch_args(logits: torch.Tensor, bias, label_a, label_b, lam: float, smooth
             label_a if not dense else logits, label_b if not dense else logits, float(lam), off, on - off,
             target if dense else logits,
             grad if grad is not None else logits,
-            grad_scale if grad_scale is not None else part,
+            float(grad_scale),
             part, counter_for(logits.device), loss,
             n, c)
-    if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != logits.device):
-        raise ValueError(f"fused Bal-BCE kernel: grad_scale must be one value on {logits.device}")
-    constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None,
-                      HAS_SCALE=grad_scale is not None, FAST=fast, ASM=use_asm(fast),
+    if not math.isfinite(grad_scale):
+        raise ValueError(f"fused Bal-BCE kernel: grad_scale must be a finite number, got {grad_scale}")
+    constexprs = dict(HAS_BIAS=bias is not None, DENSE=dense, WRITE_GRAD=grad is not None, FAST=fast, ASM=use_asm(fast),
                       ACC=ACC_TL[logits.dtype], G=g, BLOCK=block, RBLOCK=min(1024, triton.next_power_of_2(programs)),
                       ROWS=rows, CAND=triton.next_power_of_2(2 * (rows + 1)),
                       # the label fix-up subtracts from the linear sum; with one row per program that sum holds a

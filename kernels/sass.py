@@ -88,7 +88,7 @@ def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, 
     launch.counter_for = lambda device: torch.empty(1, dtype=torch.int32, device=meta)
     try:
         args, constexprs, _, num_warps, _ = launch_args(logits, bias, labels, None if hard_labels else labels, 0.7, 0.1,
-                                                        None, None, write_grad, None, fast, config, meta_table, 1)
+                                                        None, None, write_grad, 1.0, fast, config, meta_table, 1)
     finally:
         launch.check_inputs, launch.counter_for = saved_check, saved_counter
     constexprs = dict(constexprs, ASM=use_asm(constexprs["FAST"], interpret=False))

@@ -119,7 +119,8 @@ def task_probe(cfg: TrainConfig, manifest: Any) -> Any:
     net = nn.Linear(2, CLASSES)
     run = types.SimpleNamespace(cfg=cfg, loader=types.SimpleNamespace(manifest=manifest, batch_augment=None),
                                 runtime=types.SimpleNamespace(device=torch.device("cpu"), unwrap=lambda: net, compile=None,
-                                                              partitions_parameters=False),
+                                                              partitions_parameters=False,
+                                                              accum_steps=cfg.optim.accum_iter),
                                 make_loader=None)
     task.setup(run)
     logits, labels = torch.linspace(-2, 2, 3 * CLASSES).view(3, CLASSES), torch.tensor([0, 1, 3])

@@ -31,8 +31,9 @@ def write_manifest(directory: Path, labels: np.ndarray, num_classes: int, split:
 
 
 class MemoryLoader:
-    """Batches of in-memory tensors with the training loader's interface: ``len``, ``set_epoch(epoch)``, ``skip(n)``,
-    ``seek(consumed, end)``, iteration over ``(images, labels)``, ``manifest``, ``num_samples`` and ``batch_augment``.
+    """Batches of in-memory tensors with the training loader's interface (:class:`fastlivt.data.contract.BatchLoader`):
+    ``len``, ``set_epoch(epoch)``, ``seek(consumed, end)``, iteration over ``(images, labels)``, ``manifest``,
+    ``num_samples``, ``close`` and ``batch_augment``.
     The order of each epoch is a permutation seeded by (seed, epoch); rank r takes every world-th position of it (of
     positions [consumed, end) after a seek). ``crash_after`` raises :class:`SimulatedCrash` when that many batches have
     been handed out by this object (across epochs). ``read`` records the sample indices of every batch handed out."""
@@ -70,11 +71,11 @@ class MemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def skip(self, n_batches: int) -> None:
-        self.seek(n_batches * self.batch_size * self.world, self.per_rank() * self.world)
-
     def seek(self, consumed: int, end: int) -> None:
         self._seek = (consumed, end)
+
+    def close(self) -> None:
+        """Nothing to stop: no threads or workers."""
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         idx, self._seek = self._indices(), None

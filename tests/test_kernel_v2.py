@@ -10,7 +10,7 @@ import torch
 
 from kernels.bal_bce import bal_bce_forward, interpreter_enabled
 from kernels.bal_bce_op import bal_bce
-from kernels.launch import LAUNCHES, counter_for, default_fast, use_asm, vector_width
+from kernels.launch import LAUNCHES, PASSES, counter_for, default_fast, use_asm, vector_width
 from kernels.reference import bal_bce_reference, soft_target
 
 needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
@@ -146,40 +146,61 @@ def test_one_launch_gives_the_scalar_loss_and_leaves_the_counter_at_zero():
     assert grad3 is None and torch.equal(loss1, loss3)
 
 
+def launches_and_passes(fn):
+    """(launches by kernel, whole N x C passes) that ``fn()`` makes, from the launch records."""
+    before, passes = dict(LAUNCHES), dict(PASSES)
+    fn()
+    return ({k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v - before.get(k, 0)},
+            {k: v - passes.get(k, 0) for k, v in PASSES.items() if v - passes.get(k, 0)})
+
+
 @needs_kernel
-def test_forward_backward_launches_and_grad_output_handling():
+def test_forward_backward_is_one_launch_and_the_backward_hands_the_buffer_on():
     logits, bias, la, lb = make(5, 30, torch.float32, seed=4)
     _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.8, 0.0, 30))
+    head = torch.eye(30, requires_grad=True)  # logits = z @ I: the gradient reaches the head as in training
     z = logits.clone().requires_grad_(True)
-    before = dict(LAUNCHES)
-    bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8).backward()
-    new = {k: LAUNCHES[k] - before.get(k, 0) for k in LAUNCHES if LAUNCHES[k] - before.get(k, 0)}
-    assert new == {"bal_bce": 1}  # loss.backward(): the fused kernel once, its gradient handed over as it is
-    assert rel(z.grad, ref_grad) <= 1e-6
-    z.grad = None
-    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8)
-    before = dict(LAUNCHES)
-    loss.backward(torch.tensor(-3.0), retain_graph=True)
-    assert LAUNCHES["scale_unless_one"] - before.get("scale_unless_one", 0) == 1  # any other gradient: scaled
-    assert rel(z.grad, -3.0 * ref_grad) <= 1e-6
-    (again,) = torch.autograd.grad(loss, z)  # a second backward through the retained graph recomputes
-    assert rel(again, ref_grad) <= 1e-6
-    z.grad = None
-    (bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8) / 4).backward()  # the 1/4 reaches the kernel's gradient
-    assert rel(z.grad, ref_grad / 4) <= 1e-6
-    z.grad = None
-    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.8)
-    loss.backward(retain_graph=True)
-    loss.backward()  # the second backward recomputes; both accumulate
-    assert rel(z.grad, 2 * ref_grad) <= 1e-6
+    for accum in (1, 3):
+        seen = []
+        out = z @ head
+        out.register_hook(lambda g: seen.append(g))
+
+        def step():
+            loss = bal_bce(out, bias, label_a=la, label_b=lb, lam=0.8, grad_scale=1.0 / accum)
+            (loss / accum).backward()
+
+        launches, passes = launches_and_passes(step)
+        assert launches == {"bal_bce": 1} and passes == {"logits read": 1, "gradient written": 1}, accum
+        assert rel(seen[0], ref_grad / accum) <= 1e-6  # the forward's buffer, already weighted by 1/accum
+        z.grad = head.grad = None
+    out = z @ head
+    loss, grad = torch.ops.fastlivt.bal_bce(out, bias, la, lb, None, 0.8, 0.0, None, 1.0, True, None)
+    seen = []
+    out.register_hook(lambda g: seen.append(g))
+    loss.backward()
+    assert seen[0].data_ptr() == grad.data_ptr()  # no copy, no second pass: the op's own gradient output
 
 
 @needs_kernel
-def test_the_loss_backward_holds_no_cycle_and_the_unit_is_never_written():
+def test_other_incoming_gradients_are_refused_never_mis_scaled():
+    logits, bias, la, lb = make(4, 12, torch.float32, seed=8)
+    z = logits.clone().requires_grad_(True)
+    for weigh in (lambda loss: loss.backward(torch.tensor(-3.0)), lambda loss: (loss / 4).backward(),
+                  lambda loss: torch.autograd.grad(2 * loss, z)):
+        with pytest.raises(RuntimeError, match="differs from grad_scale"):
+            weigh(bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5))
+    assert z.grad is None
+    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5, grad_scale=0.25)
+    (loss / 4).backward(retain_graph=True)
+    first = z.grad.clone()
+    (loss * 0.25).backward()  # the same weight again through the retained graph: the buffer was not modified
+    assert torch.equal(z.grad, 2 * first)
+
+
+@needs_kernel
+def test_the_loss_holds_no_reference_cycle():
     import gc
     import weakref
-
-    from kernels.bal_bce_op import unit_gradient
 
     logits, bias, la, lb = make(4, 12, torch.float32, seed=8)
     z = logits.clone().requires_grad_(True)
@@ -191,17 +212,20 @@ def test_the_loss_backward_holds_no_cycle_and_the_unit_is_never_written():
         assert ref() is None  # freed by reference counting: its graph (and the N x C gradient) goes with it
     finally:
         gc.enable()
-    for _ in range(2):
-        bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5).backward()
-    assert unit_gradient(z).item() == 1.0
 
 
 @needs_kernel
 def test_no_gradient_pass_without_requires_grad():
     logits, bias, la, lb = make(3, 20, torch.float32, seed=5)
-    loss = bal_bce(logits, bias, label_a=la, label_b=lb, lam=0.5)
     ref_loss, _ = bal_bce_reference(logits, bias, soft_target(la, lb, 0.5, 0.0, 20))
-    assert not loss.requires_grad and rel(loss, ref_loss) <= 1e-6
+    out = []
+    assert launches_and_passes(lambda: out.append(bal_bce(logits, bias, label_a=la, label_b=lb, lam=0.5))) == (
+        {"bal_bce": 1}, {"logits read": 1})
+    with torch.no_grad():  # evaluation: logits that require grad, but no graph
+        assert launches_and_passes(lambda: out.append(bal_bce(logits.requires_grad_(True), bias, label_a=la,
+                                                              label_b=lb, lam=0.5)))[1] == {"logits read": 1}
+    for loss in out:
+        assert not loss.requires_grad and rel(loss, ref_loss) <= 1e-6
 
 
 @needs_kernel
@@ -217,16 +241,18 @@ def test_bad_label_in_one_row_makes_only_the_loss_nan_and_writes_no_other_row():
 
 
 @needs_kernel
-def test_grad_scale_is_read_on_the_device():
+def test_grad_scale_multiplies_the_gradient_in_the_same_pass():
     logits, bias, la, lb = make(4, 50, torch.float32, seed=7)
     _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.25, 0.05, 50))
-    for scale in (-2.5, 0.0, 1.0):
-        _, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.25, smoothing=0.05,
-                                  grad_scale=torch.tensor([scale]), config=(16, 1))
+    for scale in (-2.5, 0.0, 1.0, 1.0 / 3):
+        _, grad = bal_bce_forward(logits, bias, label_a=la, label_b=lb, lam=0.25, smoothing=0.05, grad_scale=scale,
+                                  config=(16, 1))
         if scale == 0.0:
             assert not grad.any()
         else:
             assert rel(grad, scale * ref_grad) <= 1e-6, scale
+    with pytest.raises(ValueError, match="grad_scale"):
+        bal_bce_forward(logits, bias, label_a=la, grad_scale=float("nan"))
 
 
 @needs_kernel

@@ -153,16 +153,19 @@ def test_class_balanced_histogram_on_backend(converted, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "ffcv", "dali"])
-def test_resume_mid_epoch_with_set_epoch_and_skip(converted, backend):
+def test_resume_mid_epoch_with_set_epoch_and_seek(converted, backend):
     out, _ = converted
+    from fastlivt.data.contract import BatchLoader
+
     loader = build_loader(_cfg(out, backend, "data.sampler=square_root"), "train", "pretrain")
+    assert isinstance(loader, BatchLoader) and loader.num_samples == N  # the written contract, on each backend
     assert len(loader) == N // 16
     loader.set_epoch(2)
     full = _epoch(loader)[1]
     assert loader.epoch == 3  # a completed pass moves to the next epoch
     resumed = build_loader(_cfg(out, backend, "data.sampler=square_root"), "train", "pretrain")
     resumed.set_epoch(2)
-    resumed.skip(3)
+    resumed.seek(3 * 16, len(resumed) * 16)  # three batches of 16 into epoch 2, on one rank
     tail = _epoch(resumed)[1]
     assert np.array_equal(tail, full[3 * 16:])
     it = iter(resumed)  # a pass left midway, then a new epoch: no stale batches

@@ -114,7 +114,9 @@ def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int,
     from fastlivt.data.pil_loader import PILLoader
 
     loader = PILLoader(cfg, "train", stage, device=device) if pil_baseline else build_loader(cfg, "train", stage, device=device)
-    loader.skip(max(0, len(loader) - 2))  # warm-up: the last two batches of epoch 0 (compiles / builds)
+    per_pass = len(loader) * loader.batch_size * loader.world  # positions of an epoch's batches over the world
+    loader.seek(max(0, len(loader) - 2) * loader.batch_size * loader.world, per_pass)  # warm-up: the last two
+    # batches of epoch 0 (compiles / builds)
     for _ in loader:
         pass
     rates, images, cpu0 = [], 0, _cpu_seconds()

@@ -5,10 +5,12 @@ is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form
 
 - sass-sm90 (any machine, also ``--quick``): the kernel compiled for sm_90 exactly as the real launch at N = 1,024,
   C = 8,142 bf16 would compile it, read from its SASS (:mod:`kernels.sass`): instructions per logit in the steady-state
-  loop, bit width of the logit loads and gradient stores, and the launches one forward + ``loss.backward()`` makes
-  (counted at the launch sites; under ``TRITON_INTERPRET=1`` in a child process where no GPU is present);
+  loop, bit width of the logit loads and gradient stores, and the launches and whole N × C passes one forward +
+  backward makes (counted at the launch sites; under ``TRITON_INTERPRET=1`` in a child process where no GPU is present);
+- every fwd+bwd row runs the backward exactly as the training loop does: ``(loss / accum).backward()`` (the runtime's
+  backward, accumulation 1) on logits whose ``.grad`` is cleared before each call;
 - eager: ``x = logits + τb`` then ``binary_cross_entropy_with_logits(x, y, reduction='sum') / N`` on the materialised
-  N × C soft target (built once, outside the timed region), gradient by ``torch.autograd.grad``;
+  N × C soft target (built once, outside the timed region);
 - torch.compile: the same function compiled (Inductor);
 - triton: :func:`fastlivt.losses.build_loss` with ``fused='triton'`` on the compact MixTarget (no N × C target),
   forward + backward as a user calls it;
@@ -43,6 +45,7 @@ N = 1024
 CLASSES = (365, 1000, 8142)
 DTYPES = (torch.float32, torch.bfloat16)
 LAM, SMOOTHING = 0.7, 0.1
+ACCUM = 1  # the accumulation steps of the runtime backward the fwd+bwd rows run (see _fwd_bwd)
 SWEEP_C = 8142  # the shape of the bandwidth target, where the kernel's launch layouts are swept (CUDA only)
 COMPILE_BUDGET_S = 120.0  # give up on torch.compile for the remaining shapes once one compilation takes longer
 
@@ -100,17 +103,18 @@ def sass_row(device: torch.device) -> Row:
     """What the kernel compiles to on sm_90 for N = 1,024, C = 8,142 bf16, and its launches per forward + backward."""
     shape, name = f"N={N} C={SWEEP_C}", "Bal-BCE kernel, steady-state loop (sm_90 SASS)"
     try:
-        from kernels.launch_count import launches_per_call
+        from kernels.launch_count import counts_per_call
         from kernels.sass import sm90_figures
 
         figures = sm90_figures(N, SWEEP_C, torch.bfloat16)
-        by_kernel = launches_per_call(SWEEP_C, torch.bfloat16, device)
+        counts = counts_per_call(SWEEP_C, torch.bfloat16, device)
     except Exception as ex:  # reported, never silent
         return unavailable(PART, name, "sass-sm90", device, f"{type(ex).__name__}: {str(ex)[:200]}", shape=shape,
                            dtype="bfloat16")
     extra = {"instructions_per_logit": figures["instructions_per_logit"], "logit_load_bits": figures["logit_load_bits"],
-             "grad_store_bits": figures["grad_store_bits"], "launches_per_call": sum(by_kernel.values()),
-             "launches_by_kernel": by_kernel, "loop_instructions": figures["loop_instructions"],
+             "grad_store_bits": figures["grad_store_bits"], "launches_per_call": sum(counts["launches"].values()),
+             "launches_by_kernel": counts["launches"], "passes_per_call": counts["passes"],
+             "loop_instructions": figures["loop_instructions"],
              "mufu_per_logit": figures["mufu_per_logit"], "block": figures["block"], "num_warps": figures["num_warps"],
              "vector": figures["vector"], "fast_math": figures["fast"]}
     return Row(part=PART, name=name, backend="sass-sm90", device=device_name(device), shape=shape, dtype="bfloat16",
@@ -123,10 +127,14 @@ def _eager_loss(logits: torch.Tensor, bias: torch.Tensor, y: torch.Tensor) -> to
 
 
 def _fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """One forward + backward as the training loop runs it (``TorchRuntime.backward``: the loss divided by the
+    accumulation steps, then ``backward()``), the gradient landing in ``logits.grad`` (cleared first, so autograd takes
+    the gradient as it is instead of adding it to the last one)."""
     def step() -> torch.Tensor:
+        logits.grad = None
         loss = loss_fn(logits)
-        (grad,) = torch.autograd.grad(loss, logits)
-        return grad
+        (loss / ACCUM).backward()
+        return logits.grad
 
     return step
 
@@ -198,7 +206,7 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
             rows.append(unavailable(PART, fb, "torch.compile", device, reason, shape=shape, dtype=dname))
 
     if cuda:
-        fused = build_loss(LossConfig(name="bal_bce", fused="triton"), counts).to(device)
+        fused = build_loss(LossConfig(name="bal_bce", fused="triton"), counts, grad_scale=1.0 / ACCUM).to(device)
         got = fused(logits.detach(), target).item()
         x = logits.detach()
         cp_med, cp_sp, cp_rep, cp_extra = measure(lambda: x.clone())

@@ -62,10 +62,11 @@ class EpochLoader:
       floor or ceil by ``batch_size`` depending on ``drop_last``).
     * ``set_epoch(e)``: the epoch the next pass reads; the order is a pure function of (run.seed, e). A completed pass
       advances the epoch by one by itself, so calling ``set_epoch`` before every epoch is optional but harmless.
-    * ``skip(n)``: the next pass starts at batch n of its epoch (exact resume from a mid-epoch checkpoint: call
-      ``set_epoch(e)`` and ``skip(steps_done_in_e)``); it then yields ``len(loader) - n`` batches.
     * ``seek(consumed, end)``: the next pass reads positions [consumed, end) of its epoch's global order, split over
-      this loader's world (resume on any number of ranks; ``skip(n)`` is ``seek(n * batch_size * world, ...)``).
+      this loader's world (exact resume from a mid-epoch checkpoint on any number of ranks: ``set_epoch(e)``, then
+      ``seek``; n whole batches into an epoch of whole batches is ``seek(n * batch_size * world,
+      len(loader) * batch_size * world)``).
+    * the contract of all this: :class:`fastlivt.data.contract.BatchLoader`.
     * images are float32 with the values of ``(x/255 - mean) / std``; FFCV's come in channels_last memory layout.
     * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment the
       training loop applies (see module docstring); ``None`` otherwise. ``manifest``: the split's manifest;
@@ -125,28 +126,21 @@ class EpochLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def skip(self, n_batches: int) -> None:
-        if not 0 <= n_batches <= self._len:
-            raise ValueError(f"skip: need 0 <= n_batches <= {self._len} (batches per epoch), got {n_batches}")
-        per_rank = min(self._len * self.batch_size, self.sampler.per_rank(self.world))
-        self.seek(n_batches * self.batch_size * self.world, per_rank * self.world)
-
     def seek(self, consumed: int, end: int) -> None:
         if not 0 <= consumed <= end:
             raise ValueError(f"seek: need 0 <= consumed <= end, got consumed={consumed} end={end}")
         self._seek = (int(consumed), int(end))
 
-    def plan(self, epoch: Optional[int] = None, skip: int = 0, seek: Optional[Tuple[int, int]] = None) -> np.ndarray:
-        """This rank's sample indices for ``epoch`` in reading order: whole batches only when drop_last, then the
-        first ``skip`` batches removed; with ``seek=(consumed, end)`` the rest of the epoch's global order instead."""
+    def plan(self, epoch: Optional[int] = None, seek: Optional[Tuple[int, int]] = None) -> np.ndarray:
+        """This rank's sample indices for ``epoch`` in reading order: whole batches only when drop_last; with
+        ``seek=(consumed, end)`` positions [consumed, end) of the epoch's global order instead."""
         epoch = self.epoch if epoch is None else epoch
         if seek is not None:
             idx = self.sampler.indices(epoch, self.rank, self.world, *seek)
             n = idx.size // self.batch_size if self.drop_last else math.ceil(idx.size / self.batch_size)
             return idx[: n * self.batch_size]
         idx = self.sampler.indices(epoch, self.rank, self.world)
-        idx = idx[: self._len * self.batch_size]
-        return idx[skip * self.batch_size:]
+        return idx[: self._len * self.batch_size]
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         seek, self._seek = self._seek, None

@@ -109,7 +109,10 @@ class BFTTask:
 
         cfg = run.cfg
         self.class_counts = list(run.loader.manifest.class_counts)
-        self.criterion = build_loss(cfg.loss, self.class_counts, smoothing=cfg.data.smoothing).to(run.runtime.device)
+        # the runtime divides each micro-batch's loss by the accumulation steps before backward: the loss's gradient
+        # is weighted by that from the start (the fused loss writes it so in its one pass)
+        self.criterion = build_loss(cfg.loss, self.class_counts, smoothing=cfg.data.smoothing,
+                                    grad_scale=1.0 / run.runtime.accum_steps).to(run.runtime.device)
         self.criterion = compile_criterion(self.criterion, run.runtime.compile)
         self.augment = getattr(run.loader, "batch_augment", None)
         if self.augment is None and (cfg.data.mixup > 0 or cfg.data.cutmix > 0 or cfg.data.reprob > 0):

@@ -103,7 +103,7 @@ class TorchRuntime(Runtime):
         if isinstance(self.model, DistributedDataParallel) and not self._ends_cycle():
             sync = self.model.no_sync()
         with sync:
-            (loss / self.accum_steps if self.accum_steps > 1 else loss).backward()  # a fused loss: one launch
+            (loss / self.accum_steps).backward()
 
     def step(self) -> bool:
         boundary = self._ends_cycle()
