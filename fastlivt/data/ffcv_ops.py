@@ -15,7 +15,7 @@ worker threads: the draws depend on thread scheduling, so two runs with one seed
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
@@ -26,6 +26,14 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
 ParamTables = Dict[object, np.ndarray]  # seeded operation -> int64 [len(epoch order), PARAM_WIDTH]
+# Every imdecode/resize_crop dispatcher compiled by a SeededRRCDecoder, kept until the process exits. numba 0.6x's
+# dispatcher finalizer, run when a dispatcher dies mid-process (here: when the loader that compiled it is dropped, e.g.
+# MGP's loader before BFT's in `fastlivt demo`), iterates the dispatcher's overload table; for FFCV's ``imdecode``
+# compiled inside this parallel decode with literal arguments, that table fails its own lookups (KeyError on the
+# signature) and the finalizer prints "Exception ignored in: <finalize object ...>". At interpreter exit numba skips
+# its finalizers, so a dispatcher that lives until then never runs that code. Reusing one dispatcher in a second
+# pipeline is no way out: compiling it again fails on the same table. One pair per loader: a few kB.
+_KEEP_UNTIL_EXIT: List[Tuple[Callable, Callable]] = []
 
 
 class SeededRRCDecoder(SimpleRGBImageDecoder):
@@ -52,6 +60,7 @@ class SeededRRCDecoder(SimpleRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        _KEEP_UNTIL_EXIT.append((imdecode_c, resize_crop_c))
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, params = my_storage
