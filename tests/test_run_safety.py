@@ -145,7 +145,8 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
 def _train_cli(tmp: Path, data: Path, out: Path, *extra: str):
     cmd = [sys.executable, "-m", "fastlivt", "finetune", "--config", str(REPO / "configs/fmnist_lt/bft.yaml"),
            f"data.train={data}", "model.init=", f"run.out={out}", "run.progress=false", "run.tensorboard=false",
-           "run.epochs=1", "data.backend=torch", "data.workers=0", "loss.fused=torch", *extra]
+           "run.epochs=1", "optim.warmup_epochs=0.2", "data.backend=torch", "data.workers=0", "loss.fused=torch",
+           *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp)
 
