@@ -301,3 +301,21 @@ def test_shipped_bft_configs_never_select_on_a_test_split():
     assert load_config(TrainConfig, REPO / "configs/places_lt/bft.yaml").data.val == "data/places_lt/val"
     assert load_config(TrainConfig, REPO / "configs/inat18/bft.yaml").data.val == ""
     assert yaml.safe_load((REPO / "configs/fmnist_lt/bft.yaml").read_text())["data"]["val"] == ""
+
+
+@pytest.mark.slow
+def test_deepspeed_stops_on_non_finite_and_keeps_the_good_checkpoint(tmp_path):
+    import json
+
+    pytest.importorskip("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_WAIT_POLICY="PASSIVE",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "ds_nonfinite_worker.py"), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["error"] and "non-finite loss at step 5" in result["error"], result
+    assert f"{tmp_path / 'run' / 'checkpoints' / 'last'} (step 4)" in result["error"]
+    assert result["finite"] and result["meta_step"] == 4
