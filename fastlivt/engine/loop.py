@@ -117,7 +117,7 @@ def _build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, saved: 
     log.info("effective batch %d = %d x accum %d x world %d; peak lr %.3g", cfg.data.batch_size * accum * runtime.world,
              cfg.data.batch_size, accum, runtime.world, lr)
     model = runtime.prepare(model, groups, lr, cfg.optim.betas, cfg.optim.weight_decay)
-    runtime.nonfinite = NonFiniteMonitor(cfg.run.nonfinite, cfg.run.nonfinite_max_skips, runtime.device)
+    runtime.nonfinite = NonFiniteMonitor(cfg.run.nonfinite, cfg.run.nonfinite_max_skips, runtime.device, runtime.world)
     schedule = WarmupCosine(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.run.epochs, steps_per_epoch)
     ckpt.seed_everything(cfg.run.seed + runtime.rank)  # masks, drop path and mixup differ across ranks
 

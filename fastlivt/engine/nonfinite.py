@@ -63,8 +63,8 @@ class NonFiniteMonitor:
     2 gradient), bad steps in a row now, most in a row, bad steps in all]; ``loss_bad`` for the micro-batches of the
     step in progress."""
 
-    def __init__(self, policy: str, max_skips: int, device: torch.device):
-        self.policy, self.max_skips, self.device = policy, max_skips, device
+    def __init__(self, policy: str, max_skips: int, device: torch.device, world: int = 1):
+        self.policy, self.max_skips, self.device, self.world = policy, max_skips, device, world
         self.state = torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0], device=device)
         self.loss_bad = torch.zeros(1, device=device)
         self.reported_skips = 0
@@ -80,15 +80,18 @@ class NonFiniteMonitor:
         record it; return ``found_inf`` (a float32 scalar on the device, 1.0 when the step must not update)."""
         grad_bad = torch.zeros(1, device=self.device) if grad_norm is None else \
             (~torch.isfinite(grad_norm.detach().float())).float().reshape(1).to(self.device)
-        found = torch.maximum(self.loss_bad, grad_bad)
+        bad = torch.maximum(self.loss_bad, grad_bad)
+        # Under DDP the gradients (so their norm) are the same on every rank after the all-reduce, the losses are not:
+        # the skip follows the gradient there, so that every replica takes the same step without a collective.
+        found = bad if self.world == 1 or grad_norm is None else grad_bad
         kind = torch.where(self.loss_bad > 0, 1.0, 2.0)
         s = self.state
-        first_unset = (s[0:1] < 0) & (found > 0)
+        first_unset = (s[0:1] < 0) & (bad > 0)
         s[0:1] = torch.where(first_unset, float(step), s[0:1])
         s[1:2] = torch.where(first_unset, kind, s[1:2])
-        s[2:3] = (s[2:3] + 1.0) * found
+        s[2:3] = (s[2:3] + 1.0) * bad
         s[3:4] = torch.maximum(s[3:4], s[2:3])
-        s[4:5] += found
+        s[4:5] += bad
         self.loss_bad.zero_()
         return found.reshape(())
 

@@ -117,7 +117,8 @@ class TorchRuntime(Runtime):
         if self.clip_grad is not None:  # the total norm before clipping (a NaN one leaves every gradient NaN)
             self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
         elif self.nonfinite is not None:
-            self.last_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            grads = [p.grad for p in params if p.grad is not None]
+            self.last_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         if self.nonfinite is None:
             self.optimizer.step()
         else:
