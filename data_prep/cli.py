@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from data_prep.atomic import DiskFullError
 from data_prep.config import ConfigError, ConvertConfig, load_config
 from data_prep.convert import ConversionError, convert
 from data_prep.log_handler import install_stderr_handler
@@ -33,7 +34,7 @@ from data_prep.verify import verify
 
 
 UNSET = object()  # default of flags whose value may be None
-USER_ERRORS = (ConfigError, SourceError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+USER_ERRORS = (DiskFullError, ConfigError, SourceError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 DEBUG_FLAG, DEBUG_ENV = "--debug", "FASTLIVT_DEBUG"
 
 

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from data_prep.beton_writer import write_beton
+from data_prep.atomic import DiskFullError, is_disk_full
 from data_prep.config import ConfigError, ConvertConfig
 from data_prep.decode import DecodeJob, WorkerDied, decode_all
 from data_prep.longtail import select_longtail
@@ -96,8 +97,8 @@ def _check_out_dir(out: Path, split: str) -> None:
     except (OSError, ValueError, AttributeError):
         previous = None
     if previous is not None and previous != split:
-        raise ConversionError(f"{path}: this directory holds the converted {previous!r} split; write the {split!r} "
-                              f"split to its own --out directory")
+        raise ConfigError(f"{path}: this directory holds the converted {previous!r} split; write the {split!r} "
+                          f"split to its own --out directory")
 
 
 def _clean_previous(out: Path, split: str) -> None:
@@ -272,13 +273,15 @@ def convert(cfg: ConvertConfig, progress: bool = True) -> Manifest:
             os.replace(tmp, final)
         temporaries = []
         manifest.save(out)
-    except BaseException:
+    except BaseException as e:
         if shards is not None:
             shards.abort()
             temporaries += [t for t in shards.temporaries if t not in temporaries]
         for tmp, _ in temporaries:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if isinstance(e, Exception) and not isinstance(e, DiskFullError) and is_disk_full(e, out):
+            raise DiskFullError(out, e) from e  # after the clean-up: the free space is what the user has
         raise
     finally:
         if staging is not None:

@@ -24,6 +24,9 @@ USER_ERRORS = (
     "fastlivt.models.vit:EncoderLoadError",  # model.init missing or not an encoder export that fits
     "fastlivt.models.attention:AttentionBackendError",  # model.attention=xformers where it cannot run
     "data_prep.sources:SourceError",  # a dataset source that cannot be listed
+    "data_prep.atomic:DiskFullError",  # a write that ran out of space (names the file and the free space)
+    "fastlivt.engine.run_lock:RunDirBusyError",  # run.out owned by another live run
+    "fastlivt.engine.nonfinite:NonFiniteError",  # a run stopped on a NaN/inf loss or gradient (names the last good checkpoint)
     "builtins:FileNotFoundError",  # a missing input: --checkpoint, --resume without a checkpoint, a DeepSpeed JSON
     "builtins:NotADirectoryError",
     "builtins:IsADirectoryError",

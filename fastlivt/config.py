@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from data_prep.config import ConfigError, from_dict, load_config, save_config, section, to_dict
 
-__all__ = ["ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
+__all__ = ["check_combinations", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
            "from_dict", "load_config", "save_config", "to_dict"]
 
 
@@ -110,6 +110,9 @@ class RunConfig:
     log_every: int = 20  # optimizer steps between CSV/TensorBoard rows
     progress: bool = True  # tqdm bar
     tensorboard: bool = True  # <run.out>/tb (an error if asked for and TensorBoard is missing)
+    nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or drop that step's update
+    nonfinite_max_skips: int = 10  # skip: stop once this many optimizer steps in a row were non-finite
+    select_on_test: bool = False  # allow data.val to be a converted *test* split ('best' chosen on the test set)
 
 
 @section
@@ -120,3 +123,34 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     run: RunConfig = field(default_factory=RunConfig)
     deepspeed: Optional[Union[str, Dict[str, Any]]] = None  # path to a DeepSpeed JSON, or the JSON inline
+
+
+def check_combinations(cfg: TrainConfig) -> None:
+    """Refuse, as one :class:`ConfigError` naming the keys and the values that would work, the combinations of keys
+    that cannot work together; called when a training run starts, before anything is built or written."""
+    loss, run = cfg.loss, cfg.run
+    if loss.test_prior is not None and loss.name not in ("bal_ce", "bal_bce"):
+        raise ConfigError(f"loss.test_prior applies to loss.name=bal_ce or bal_bce, not {loss.name}; drop "
+                          f"loss.test_prior or choose one of those losses")
+    if loss.test_prior is not None and loss.name == "bal_bce" and loss.form == "official":
+        raise ConfigError("loss.test_prior needs loss.form=paper with loss.name=bal_bce (the official-code form "
+                          "log pi - log(1 - pi) has no test prior); set loss.form=paper or drop loss.test_prior")
+    if loss.add_log_c and loss.name != "bal_ce":
+        raise ConfigError(f"loss.add_log_c=true applies to loss.name=bal_ce only, not {loss.name}; set "
+                          f"loss.add_log_c=false or loss.name=bal_ce")
+    if loss.fused == "triton" and loss.name not in ("bce", "bal_bce"):
+        raise ConfigError(f"loss.fused=triton applies to loss.name=bce or bal_bce (the softmax losses run in "
+                          f"PyTorch), not {loss.name}; set loss.fused=auto or torch")
+    if not 0.0 <= cfg.data.smoothing < 1.0:
+        raise ConfigError(f"data.smoothing must lie in [0, 1), got {cfg.data.smoothing}")
+    if cfg.model.img_size != cfg.data.img_size:
+        raise ConfigError(f"model.img_size={cfg.model.img_size} differs from data.img_size={cfg.data.img_size}; "
+                          f"set both to the same size")
+    if run.nonfinite_max_skips < 1:
+        raise ConfigError(f"run.nonfinite_max_skips must be >= 1, got {run.nonfinite_max_skips}")
+    if cfg.deepspeed is not None and run.nonfinite == "skip":
+        raise ConfigError("run.nonfinite=skip needs the plain engine (it drops a step inside torch's fused AdamW); "
+                          "with a deepspeed entry use run.nonfinite=stop")
+    if cfg.deepspeed is not None and run.cpu_bf16:
+        raise ConfigError("run.cpu_bf16=true is for the plain engine (CPU autocast); with a deepspeed entry set "
+                          "run.cpu_bf16=false")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from data_prep.atomic import atomic_path
+from data_prep.atomic import atomic_path, write_text_atomic
 from fastlivt.demo_results import (Results, aggregate, per_class_accuracy, per_seed_table, plot_results,
                                    results_table, summary_table)
 from fastlivt.logs import get_logger
@@ -151,8 +151,8 @@ def write_results(out: Path, header: str, per_seed: Dict[int, Results], counts: 
         record = {**record, "seeds": sorted(per_seed), "summary": summary,
                   "per_seed": {str(s): r for s, r in per_seed.items()}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(record, indent=1, default=str))
+    write_text_atomic(out / "results.md", text)  # atomic: a full disk is one line and keeps the previous table
+    write_text_atomic(out / "results.json", json.dumps(record, indent=1, default=str))
     plot_results(per_seed, counts, out / "results.png")
     return text
 

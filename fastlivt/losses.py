@@ -253,6 +253,9 @@ def build_loss(spec: LossConfig, class_counts: Union[Sequence[int], np.ndarray, 
         raise ConfigError(f"loss.add_log_c applies to loss.name=bal_ce only, not {name}")
     if spec.test_prior is not None and name not in ("bal_ce", "bal_bce"):
         raise ConfigError(f"loss.test_prior applies to the balanced losses (bal_ce, bal_bce) only, not {name}")
+    if spec.test_prior is not None and name == "bal_bce" and form == "official":
+        raise ConfigError("loss.test_prior needs loss.form=paper with loss.name=bal_bce (the official-code form has no "
+                          "test prior); set loss.form=paper or drop loss.test_prior")
     pi = class_priors(class_counts)
     bias = None
     if name == "bal_ce":

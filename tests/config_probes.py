@@ -234,3 +234,12 @@ def compile_probe(cfg: TrainConfig, manifest: Any) -> Any:
     model = BFTTask().build_model(cfg, manifest)
     runtime.prepare(model, param_groups(model, 0.05, None), 1e-3, (0.9, 0.99), 0.05)
     return {"enabled": runtime.compile.enabled, "mode": runtime.compile.mode, "regions": list(runtime.compile.regions)}
+
+
+def outcome_probe(cfg: TrainConfig, manifest: Any) -> Any:
+    """:func:`run_probe` where the baseline itself is refused: a stop on a non-finite value (the message names the
+    step and the policy) or a refused data.val is the outcome compared, not a refused value of the key."""
+    result = run_probe(cfg, manifest)
+    if isinstance(result, tuple) and result[0] == "error" and result[1] in ("NonFiniteError", "ConfigError"):
+        return {"stopped": result[1:]}
+    return result

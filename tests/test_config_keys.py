@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from config_probes import (COUNTS, compile_probe, convert_probe, image_folder, loader_probe, model_probe, run_probe, runtime_probe,
+from config_probes import (COUNTS, compile_probe, convert_probe, image_folder, loader_probe, model_probe, outcome_probe, run_probe, runtime_probe,
                            task_probe, tiny_train_config, with_keys, write_manifest)
 from data_prep.config import ConvertConfig
 from fastlivt.config import TrainConfig
@@ -106,6 +106,9 @@ KEYS = {
     "run.ema": (0.99, task_probe, {}),
     "run.log_every": (1, run_probe, {}),
     "run.tensorboard": (True, run_probe, {}),
+    "run.nonfinite": ("skip", outcome_probe, {"optim.lr": 1e30}),  # diverges: stop ends the run, skip goes on
+    "run.nonfinite_max_skips": (1, outcome_probe, {"run.nonfinite": "skip", "optim.lr": 1e30}),
+    "run.select_on_test": (True, outcome_probe, {"data.val": "{test_split}"}),  # refused without it
     "deepspeed": ({"train_micro_batch_size_per_gpu": 4}, runtime_probe, {}),
     # ---- conversion
     "convert.source": ("cifar10", convert_probe, {}),
@@ -167,6 +170,7 @@ def env(tmp_path_factory):
     paths["encoder"] = str(tmp / "encoder.safetensors")
     labels = np.repeat(np.arange(len(COUNTS)), COUNTS)
     manifest = write_manifest(tmp / "memory", labels, len(COUNTS))
+    paths["test_split"] = str(write_manifest(tmp / "test_split", labels, len(COUNTS), split="test").root)
     train_cfg = with_keys(tiny_train_config(tmp, ""), {"data.train": str(data), "data.backend": "torch",
                                                          "data.workers": 0})
     convert_cfg = ConvertConfig(source="imagefolder", root=paths["images"], formats=["dali"], out=str(tmp / "conv"),

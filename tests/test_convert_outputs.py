@@ -287,8 +287,11 @@ def test_rerun_replaces_same_split_and_refuses_another(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "o"), "--shard-size", "5"]) == 0  # fewer shards than before
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "labels.npy", "manifest.json", "train-00000.idx", "train-00000.tar"]
-    assert main(base + ["--out", str(tmp_path / "o"), "--split", "val"]) == 1
-    assert "holds the converted 'train' split" in capsys.readouterr().err
+    from data_prep.cli import run_as_program
+
+    assert run_as_program(base + ["--out", str(tmp_path / "o"), "--split", "val"]) == 2  # a user's mistake: exit 2
+    err = capsys.readouterr().err
+    assert "holds the converted 'train' split" in err and "Traceback" not in err
     assert main(["--verify", str(tmp_path / "o")]) == 0
     # a conversion that fails while listing leaves the earlier one untouched
     with pytest.raises(SourceError, match="missing: not a directory"):

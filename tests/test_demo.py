@@ -18,6 +18,9 @@ def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
            "--losses", "ce,bal_bce"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # a successful command prints no traceback: not even one "ignored" in a finalizer (numba's, at loader changes)
+    for noise in ("Traceback", "Exception ignored"):
+        assert noise not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     # both splits converted and verifiable
     train = json.loads((data / "train" / "manifest.json").read_text())
     test = json.loads((data / "test" / "manifest.json").read_text())

@@ -15,7 +15,7 @@ worker threads: the draws depend on thread scheduling, so two runs with one seed
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
@@ -26,6 +26,28 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
 ParamTables = Dict[object, np.ndarray]  # seeded operation -> int64 [len(epoch order), PARAM_WIDTH]
+# Every numba dispatcher FFCV's Compiler makes (each pipeline stage and the functions they call, per loader), kept
+# until the process exits. numba 0.6x's dispatcher finalizer, run when a dispatcher dies while the process runs (the
+# loader that compiled it dropped, e.g. MGP's before BFT's in `fastlivt demo`, or an evaluation loader), iterates
+# the dispatcher's overload table; for FFCV's ``imdecode`` called from a parallel decode stage with literal arguments
+# that table fails its own lookups (KeyError on the signature) and the finalizer prints "Exception ignored in:
+# <finalize object ...>" with a traceback. numba skips its finalizers at interpreter exit, so a dispatcher that lives
+# until then never runs that code. (Reusing one dispatcher in a second pipeline is no way out: compiling it for the
+# new stage fails on the same table.) The cost: a few dispatchers, their machine code and what their functions
+# close over (the decoders' per-sample metadata) per loader built in the process.
+_KEEP_UNTIL_EXIT: List[Callable] = []
+_FFCV_COMPILE = Compiler.compile.__func__
+
+
+def _compile_and_keep(cls, code, signature=None):
+    compiled = _FFCV_COMPILE(cls, code, signature)
+    if compiled is not code:  # a numba dispatcher (Compiler disabled: the function itself)
+        _KEEP_UNTIL_EXIT.append(compiled)
+    return compiled
+
+
+if getattr(Compiler.compile, "__func__", None) is _FFCV_COMPILE:
+    Compiler.compile = classmethod(_compile_and_keep)
 
 
 class SeededRRCDecoder(SimpleRGBImageDecoder):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from data_prep.atomic import atomic_path
+from fastlivt.engine.nonfinite import refuse_nonfinite
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -183,6 +184,7 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: str | Path, metadata:
     from safetensors.torch import save_file
 
     path = Path(path)
+    refuse_nonfinite(state, f"export {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}

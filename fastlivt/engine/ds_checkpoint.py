@@ -29,6 +29,7 @@ import torch
 
 from data_prep.atomic import write_text_atomic
 from fastlivt.engine.checkpoint import META_FILE, safe_load
+from fastlivt.engine.nonfinite import NonFiniteError, first_nonfinite
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -67,6 +68,14 @@ def save(rt: Any, directory: str, tag: str, meta: Dict[str, Any]) -> None:
                            f"accumulation {rt.accum_steps}): gradients in flight would be lost")
     root = Path(directory)
     final, tmp = root / tag, root / f"{tag}.tmp"
+    # each rank checks the parameters it holds (a shard under ZeRO-3) and the task state; all learn of any failure
+    bad = first_nonfinite([*engine.module.named_parameters(), ("extra", meta.get("extra", {}))])
+    flag = torch.tensor([0.0 if bad is None else 1.0], device=rt.device)
+    if rt.world > 1:
+        torch.distributed.all_reduce(flag)
+    if flag.item():
+        raise NonFiniteError(f"not writing checkpoint {final}: tensor {bad or '(on another rank)'} is not finite "
+                             f"(NaN or infinity); the previous checkpoint stays as it was")
     if rt.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():

@@ -215,11 +215,17 @@ class DeepSpeedRuntime(Runtime):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.nonfinite is not None:
+            self.nonfinite.note_loss(loss)
         self.engine.backward(loss)  # scales by 1/gradient_accumulation_steps itself
 
     def step(self) -> bool:
+        """DeepSpeed's step. A non-finite loss is recorded (run.nonfinite=stop, read before every save); a
+        non-finite gradient shows in the parameters, which the checkpoint writer checks."""
         boundary = bool(self.engine.is_gradient_accumulation_boundary())
         self.engine.step()
+        if boundary and self.nonfinite is not None:
+            self.nonfinite.end_step(self.nonfinite.step_number, None)
         return boundary
 
     @property

@@ -76,6 +76,28 @@ def accuracy_summary(top5: np.ndarray, labels: np.ndarray, class_counts: List[in
     return out
 
 
+def check_not_test(cfg: TrainConfig) -> None:
+    """``best`` is chosen on ``data.val``: refuse a converted *test* split there unless ``run.select_on_test=true``."""
+    import json
+    from pathlib import Path
+
+    from data_prep.manifest import MANIFEST_NAME
+
+    path = Path(cfg.data.val) / MANIFEST_NAME
+    try:
+        split = json.loads(path.read_text()).get("split")
+    except (OSError, ValueError, AttributeError):
+        return  # a missing or broken manifest is the loader's error to report, naming the file
+    if split != "test":
+        return
+    if not cfg.run.select_on_test:
+        raise ConfigError(f"data.val={cfg.data.val} is a converted 'test' split: 'best' would be chosen on the set it "
+                          f"is reported on; set data.val to a validation split (converted with --split val), or "
+                          f"data.val= (no selection, the last epoch), or run.select_on_test=true to allow it")
+    log.warning("run.select_on_test=true: 'best' is chosen on the test split %s; its top-1 is not a held-out figure",
+                cfg.data.val)
+
+
 class BFTTask:
     """The BFT stage for :func:`fastlivt.engine.loop.train`. Holds the loss, the batch augmentation, the EMA model,
     the evaluation loader, the training class counts and the best top-1 so far."""
@@ -125,6 +147,7 @@ class BFTTask:
 
             self.ema = ModelEmaV3(run.runtime.unwrap(), decay=cfg.run.ema)
         if cfg.data.val:
+            check_not_test(cfg)
             self.val_loader = run.make_loader(cfg, "val", "eval", run.runtime)
         else:
             log.warning("data.val is not set: no evaluation during fine-tuning and no 'best' checkpoint")

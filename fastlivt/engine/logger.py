@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
-from data_prep.atomic import atomic_path
+from data_prep.atomic import atomic_path, disk_full_guard
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -40,15 +40,16 @@ class CsvLog:
             path.unlink()  # a fresh run replaces the old log
 
     def write(self, row: Dict[str, Any]) -> None:
-        if self.fields is None:
-            self.fields = ["step"] + [k for k in row if k != "step"]
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, fieldnames=self.fields).writeheader()
-        unknown = set(row) - set(self.fields)
-        if unknown:
-            raise KeyError(f"{self.path}: column(s) {sorted(unknown)} not in the header {self.fields}")
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields).writerow(row)
+        with disk_full_guard(self.path):  # a full disk: one line naming the log and the free space
+            if self.fields is None:
+                self.fields = ["step"] + [k for k in row if k != "step"]
+                with open(self.path, "w", newline="") as f:
+                    csv.DictWriter(f, fieldnames=self.fields).writeheader()
+            unknown = set(row) - set(self.fields)
+            if unknown:
+                raise KeyError(f"{self.path}: column(s) {sorted(unknown)} not in the header {self.fields}")
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
 class TrainLogger:

@@ -27,12 +27,14 @@ from typing import Any, Dict, Optional
 import torch
 
 from data_prep.manifest import MANIFEST_NAME, sha256_file
-from fastlivt.config import TrainConfig, save_config
+from fastlivt.config import TrainConfig, check_combinations, save_config
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine.logger import TrainLogger, mfu_reference
+from fastlivt.engine.nonfinite import NonFiniteMonitor
 from fastlivt.engine.optim import param_groups, peak_lr
 from fastlivt.engine.resume import Position, read_last_checkpoint, restore, restoring_rng, resume_position
 from fastlivt.engine.run import LoaderFactory, Run, Task
+from fastlivt.engine.run_lock import acquire_for_ranks
 from fastlivt.engine.runtime import Runtime
 from fastlivt.engine.schedule import WarmupCosine
 from fastlivt.logs import get_logger
@@ -58,18 +60,27 @@ def default_loader(cfg: TrainConfig, split: str, stage: str, runtime: Runtime) -
 
 
 def train(cfg: TrainConfig, task: Task, resume: bool = False, make_loader: LoaderFactory = default_loader) -> Run:
-    """Train ``task`` as ``cfg`` says; ``resume`` continues from ``<run.out>/checkpoints/last``. Returns the :class:`Run`."""
+    """Train ``task`` as ``cfg`` says; ``resume`` continues from ``<run.out>/checkpoints/last``. Returns the :class:`Run`.
+    The run directory is locked for the run's life (:mod:`fastlivt.engine.run_lock`); non-finite values are handled
+    as ``run.nonfinite`` says (:mod:`fastlivt.engine.nonfinite`)."""
+    check_combinations(cfg)
     saved = read_last_checkpoint(cfg) if resume else None  # before the runtime: accumulation follows the old world
     run, start = build_run(cfg, task, make_loader, saved)
-    task.setup(run)
-    if saved is not None:
-        restore(run, task, start)
-    epoch = start.epoch
-    while epoch < cfg.run.epochs and run_epoch(run, task, epoch, start if epoch == start.epoch else Position(epoch)):
-        epoch += 1
-    task.finish(run)
-    run.logger.close()
-    run.runtime.barrier()
+    try:
+        task.setup(run)
+        if saved is not None:
+            restore(run, task, start)
+            run.last_good = (str(run.ckpt_dir / "last"), run.step)
+        epoch = start.epoch
+        while epoch < cfg.run.epochs and run_epoch(run, task, epoch, start if epoch == start.epoch else Position(epoch)):
+            epoch += 1
+        run.check_finite()  # before the exports
+        task.finish(run)
+        run.runtime.barrier()
+    finally:
+        run.logger.close()
+        if run.lock is not None:
+            run.lock.release()
     return run
 
 
@@ -77,10 +88,20 @@ def build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, saved: O
     """The runtime, the data, the model under the runtime with its optimizer, the schedule and the logger, as a
     complete :class:`Run`; and the :class:`Position` to start from (``saved``: the checkpoint's meta to resume)."""
     runtime = build_runtime(cfg)
-    ckpt.seed_everything(cfg.run.seed)  # same initial weights on every rank
     out = Path(cfg.run.out)
+    lock = acquire_for_ranks(out, runtime)  # before anything is written under run.out
+    try:
+        return _build_run(cfg, task, make_loader, saved, runtime, out, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, saved: Optional[Dict[str, Any]],
+               runtime: Runtime, out: Path, lock: Any):
+    ckpt.seed_everything(cfg.run.seed)  # same initial weights on every rank
     if runtime.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     loader = make_loader(cfg, "train", task.stage, runtime)
     manifest = loader.manifest
@@ -96,6 +117,7 @@ def build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, saved: O
     log.info("effective batch %d = %d x accum %d x world %d; peak lr %.3g", cfg.data.batch_size * accum * runtime.world,
              cfg.data.batch_size, accum, runtime.world, lr)
     model = runtime.prepare(model, groups, lr, cfg.optim.betas, cfg.optim.weight_decay)
+    runtime.nonfinite = NonFiniteMonitor(cfg.run.nonfinite, cfg.run.nonfinite_max_skips, runtime.device, runtime.world)
     schedule = WarmupCosine(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.run.epochs, steps_per_epoch)
     ckpt.seed_everything(cfg.run.seed + runtime.rank)  # masks, drop path and mixup differ across ranks
 
@@ -107,7 +129,7 @@ def build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, saved: O
                          **mfu_reference(cfg, task.name, manifest.num_classes, runtime.device, runtime.bf16,
                                          runtime.is_main))
     run = Run(cfg, runtime, model, loader, schedule, logger, out, sha256_file(Path(manifest.root) / MANIFEST_NAME),
-              make_loader, micro_per_epoch=steps_per_epoch * accum, per_micro=per_micro, step=start.step)
+              make_loader, micro_per_epoch=steps_per_epoch * accum, per_micro=per_micro, step=start.step, lock=lock)
     return run, start
 
 
@@ -136,16 +158,19 @@ def run_epoch(run: Run, task: Task, epoch: int, at: Position) -> bool:
             break
         if i % accum == 0:
             runtime.set_lr(run.schedule(run.step))
+            runtime.nonfinite.step_number = run.step + 1
         with runtime.autocast():
             loss, scalars = task.forward(run, images, labels)
         runtime.backward(loss)
         i += 1
         pos += per_micro
         run.logger.count(images.shape[0] * runtime.world)
-        for k, v in {"loss": loss, **scalars}.items():
+        for k, v in {"loss": loss, **scalars}.items():  # means over the finite values (skipped steps left out)
             v = torch.as_tensor(v).detach().float()
+            ok = torch.isfinite(v)
+            v, ok = torch.where(ok, v, 0.0), ok.float()
             run.scalar_sums[k] = run.scalar_sums[k] + v if k in run.scalar_sums else v
-        run.scalar_count += 1
+            run.scalar_counts[k] = run.scalar_counts[k] + ok if k in run.scalar_counts else ok
         if not runtime.step():
             continue
         run.step += 1
@@ -159,6 +184,7 @@ def run_epoch(run: Run, task: Task, epoch: int, at: Position) -> bool:
     if stopped and i < micro_left:  # stopped inside the epoch
         run.save("last", epoch, pos, task, end)
         return False
+    run.check_finite()  # before the evaluation and its 'best' export
     task.end_of_epoch(run, epoch)
     run.save("last", epoch + 1, 0, task, run.micro_per_epoch * per_micro)
     run.logger.note(f"epoch {epoch} done (step {run.step}/{run.schedule.total_steps})")
@@ -166,12 +192,15 @@ def run_epoch(run: Run, task: Task, epoch: int, at: Position) -> bool:
 
 
 def log_step(run: Run, epoch: int, write: bool) -> None:
-    """The logger's step; with ``write``, the mean of each scalar since the last row over micro-batches and ranks."""
+    """The logger's step; with ``write``, the non-finite check (:meth:`Run.check_finite`) and the mean of each
+    scalar's finite values since the last row over micro-batches and ranks (NaN when a window had none)."""
     row: Dict[str, float] = {}
     if write:
-        row = {k: run.runtime.all_reduce_mean(float(v) / run.scalar_count) for k, v in run.scalar_sums.items()}
-        if not all(map(math.isfinite, row.values())):
-            raise FloatingPointError(f"non-finite training scalars at step {run.step} (epoch {epoch}): {row}")
+        run.check_finite()
+        row = {}
+        for k, v in run.scalar_sums.items():
+            n = float(run.scalar_counts[k])
+            row[k] = run.runtime.all_reduce_mean(float(v) / n if n else math.nan)
         row["lr"] = run.schedule(run.step - 1)
-        run.scalar_sums, run.scalar_count = {}, 0
+        run.scalar_sums, run.scalar_counts = {}, {}
     run.logger.step(run.step, row, write)

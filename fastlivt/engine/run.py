@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Protocol
+from typing import Any, Callable, Dict, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -63,16 +63,32 @@ class Run:
     step: int = 0
     epoch: int = 0
     summary: Dict[str, Any] = field(default_factory=dict)
-    scalar_sums: Dict[str, torch.Tensor] = field(default_factory=dict)  # per micro-batch, on the device, until logged
-    scalar_count: int = 0
+    scalar_sums: Dict[str, torch.Tensor] = field(default_factory=dict)  # finite values, on the device, until logged
+    scalar_counts: Dict[str, torch.Tensor] = field(default_factory=dict)  # how many finite values each sum holds
+    lock: Any = None  # the run directory's RunLock (rank 0), released when the run ends
+    last_good: Optional[Tuple[str, int]] = None  # (checkpoint, step) of the last checkpoint this run can resume from
 
     @property
     def ckpt_dir(self) -> Path:
         return self.out / ckpt.CKPT_DIR
 
+    def check_finite(self) -> None:
+        """Read the device-side non-finite record and act as ``run.nonfinite`` says (raises
+        :class:`~fastlivt.engine.nonfinite.NonFiniteError` naming the last good checkpoint; every rank calls it)."""
+        monitor = self.runtime.nonfinite
+        if monitor is None:
+            return
+        good = (f"{self.last_good[0]} (step {self.last_good[1]}); --resume continues from it" if self.last_good
+                else "none (no checkpoint was written before it)")
+        skipped = monitor.check(self.runtime.world, good)
+        if skipped:
+            self.summary["nonfinite_skipped_steps"] = skipped
+
     def save(self, tag: str, epoch: int, consumed: int, task: Task, epoch_samples: int = 0) -> None:
         """Checkpoint ``tag`` (every rank calls it): weights + optimizer by the runtime, the rest in ``meta``.
-        ``consumed``: positions of ``epoch``'s global order read so far; ``epoch_samples``: where its plan ends."""
+        ``consumed``: positions of ``epoch``'s global order read so far; ``epoch_samples``: where its plan ends.
+        Never after a non-finite loss or gradient under ``run.nonfinite=stop`` (:meth:`check_finite` first)."""
+        self.check_finite()
         world, batch = self.runtime.world, self.cfg.data.batch_size
         meta = ckpt.build_meta(
             epoch=epoch, batch_in_epoch=consumed // (batch * world), step=self.step,
@@ -82,3 +98,5 @@ class Run:
             schedule=self.schedule.state_dict(), config=to_dict(self.cfg), manifest_sha256=self.manifest_sha256,
             extra=task.state_dict())
         self.runtime.save(str(self.ckpt_dir), tag, meta)
+        if tag == "last":
+            self.last_good = (str(self.ckpt_dir / tag), self.step)

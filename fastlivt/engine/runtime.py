@@ -61,6 +61,7 @@ class Runtime(ABC):
     accum_steps: int = 1
     bf16: bool = False
     compile: Optional[Any] = None  # fastlivt.models.compile.CompileChoice once resolved
+    nonfinite: Optional[Any] = None  # fastlivt.engine.nonfinite.NonFiniteMonitor, set by the loop after prepare()
 
     @property
     def partitions_parameters(self) -> bool:

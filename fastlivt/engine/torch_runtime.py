@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.checkpoint import safe_load
+from fastlivt.engine.nonfinite import refuse_nonfinite
 from fastlivt.engine.optim import build_adamw
 from fastlivt.engine.runtime import Runtime, bf16_autocast, resolve_device
 from fastlivt.logs import get_logger
@@ -72,7 +73,7 @@ class TorchRuntime(Runtime):
         self._optimizer: Optional[torch.optim.Optimizer] = None
         self.micro_steps = 0
         self.global_steps = 0
-        self.last_grad_norm: Optional[float] = None
+        self.last_grad_norm: Optional[torch.Tensor] = None  # on the device: reading it would synchronise
 
     # ----------------------------------------------------------------------------------------------- training
     def prepare(self, model: nn.Module, param_groups: List[Dict[str, Any]], lr: float, betas, weight_decay: float) -> nn.Module:
@@ -102,6 +103,8 @@ class TorchRuntime(Runtime):
         sync = contextlib.nullcontext()
         if isinstance(self.model, DistributedDataParallel) and not self._ends_cycle():
             sync = self.model.no_sync()
+        if self.nonfinite is not None:
+            self.nonfinite.note_loss(loss)
         with sync:
             (loss / self.accum_steps).backward()
 
@@ -110,13 +113,34 @@ class TorchRuntime(Runtime):
         self.micro_steps += 1
         if not boundary:
             return False
-        if self.clip_grad is not None:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.clip_grad))
-        self.optimizer.step()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.clip_grad is not None:  # the total norm before clipping (a NaN one leaves every gradient NaN)
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad)
+        elif self.nonfinite is not None:
+            grads = [p.grad for p in params if p.grad is not None]
+            self.last_grad_norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        if self.nonfinite is None:
+            self.optimizer.step()
+        else:
+            self._guarded_step(self.nonfinite.end_step(self.nonfinite.step_number, self.last_grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
         return True
+
+    def _guarded_step(self, found_inf: torch.Tensor) -> None:
+        """The optimizer step, dropped where ``found_inf`` is 1: on the device through fused AdamW's ``found_inf``
+        (as torch.amp's GradScaler does: parameters, moments and step count stay as they were); a foreach AdamW has
+        no such input, so there ``run.nonfinite=skip`` reads the flag (one sync per step) and ``stop`` steps anyway
+        (the check before every save refuses what follows)."""
+        opt = self.optimizer
+        if opt.defaults.get("fused"):
+            opt.found_inf = found_inf
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+        elif self.nonfinite.policy == "stop" or not bool(found_inf.item()):
+            opt.step()
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -139,6 +163,10 @@ class TorchRuntime(Runtime):
         if self.world > 1:  # every rank's random streams (masks, drop path differ across ranks)
             rngs = [None] * self.world
             dist.all_gather_object(rngs, meta.get("rng"))
+        path = checkpoint_file(directory, tag)
+        # every rank checks (the state is replicated), so all stop together instead of waiting at the barrier
+        refuse_nonfinite({"model": self.unwrap().state_dict(), "optimizer": self.optimizer.state_dict()["state"],
+                          "extra": meta.get("extra", {})}, f"checkpoint {path}")
         if self.is_main:
             state = {
                 "model": self.unwrap().state_dict(),
@@ -147,7 +175,7 @@ class TorchRuntime(Runtime):
                             "rng_per_rank": rngs},
                 "meta": meta,
             }
-            atomic_torch_save(state, checkpoint_file(directory, tag))
+            atomic_torch_save(state, path)
         self.barrier()
 
     def load(self, directory: str, tag: str) -> Dict[str, Any]:
