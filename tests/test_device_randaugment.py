@@ -1,0 +1,203 @@
+"""The device RandAugment against timm's own PIL ops with the same draws, its sampler against timm's sampler, and its
+operation count against the batch size."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from timm.data import auto_augment as timm_aa
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastlivt.config import ConfigError
+from fastlivt.data import device_randaugment as dra
+from fastlivt.data import ra_fidelity as rf
+from fastlivt.data.randaugment import timm_rand_augment
+from fastlivt.data.sample_rng import rand_augment_draws, sample_keys
+
+CONFIG = "rand-m9-mstd0.5-inc1"
+MEAN = (0.485, 0.456, 0.406)
+FILL = dra.img_mean(MEAN)
+N_IMAGES, SIZE = 64, 48
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ra = timm_rand_augment(CONFIG, SIZE, MEAN, "random")
+    images = rf.fidelity_images(N_IMAGES, SIZE, seed=1)
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(7, 2, np.arange(N_IMAGES)), "random")
+    return ra, images, draws
+
+
+@pytest.mark.parametrize("op", range(len(dra.OPS)), ids=list(dra.OPS))
+def test_each_op_matches_timm(setup, op):
+    ra, images, draws = setup
+    one = rf.forced(draws, op)
+    name = dra.OPS[op]
+    ref = np.stack([rf.timm_reference(ra, images[i], one, i) for i in range(N_IMAGES)])
+    changed = np.mean(ref != images)
+    assert changed > 0.05, f"{name}: timm's op left {100 * (1 - changed):.1f}% of values unchanged (harness broken?)"
+    figures = rf.compare(ra, images, one, FILL)
+    if name in rf.INTEGER_OPS:
+        assert figures["max"] == 0, (name, figures)
+    elif name in rf.ENHANCE_OPS:
+        assert figures["max"] <= 1, (name, figures)
+    else:
+        assert name in rf.GEOMETRIC_OPS
+        assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (name, figures)
+
+
+def test_geometric_ops_exercise_both_filters_and_signs(setup):
+    _, _, draws = setup
+    assert draws.bicubic[:, 0].any() and not draws.bicubic[:, 0].all()
+    assert draws.negate[:, 0].any() and not draws.negate[:, 0].all()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_whole_policy_matches_timm(setup, compact):
+    ra, images, draws = setup
+    assert 0 < draws.applied.mean() < 1
+    figures = rf.compare(ra, images, draws, FILL, compact=compact)
+    assert figures["psnr"] >= 35.0, figures
+
+
+def test_float32_geometry_stays_close(setup):
+    ra, images, draws = setup
+    geometric = [dra.OPS.index(n) for n in rf.GEOMETRIC_OPS]
+    for op in geometric:
+        figures = rf.compare(ra, images, rf.forced(draws, op), FILL, geometry_dtype=torch.float32)
+        assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (dra.OPS[op], figures)
+
+
+def test_channels_first_equals_channels_last(setup):
+    _, images, draws = setup
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    nhwc = torch.from_numpy(images)
+    last = dra.device_rand_augment(nhwc, d, FILL, channels_last=True)
+    first = dra.device_rand_augment(nhwc.permute(0, 3, 1, 2).contiguous(), d, FILL)
+    assert torch.equal(first.permute(0, 2, 3, 1), last)
+    assert not torch.equal(last, nhwc)
+
+
+def test_bad_input_is_refused():
+    d = dra.DeviceDraws.from_draws(dra.draw(dra.parse_policy(CONFIG), sample_keys(0, 0, np.arange(2))),
+                                   torch.device("cpu"))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        dra.device_rand_augment(torch.zeros(2, 3, 8, 8), d, FILL)
+    for bad in ("rand-m9-mstd0.5", "rand-m9-inc1-tweights", "augmix-m5", "rand-m9-q3-inc1"):
+        with pytest.raises(ConfigError, match="data.auto_augment"):
+            dra.parse_policy(bad)
+
+
+@pytest.mark.parametrize("config", [CONFIG, "rand-m7-n3-p0.8-mstd1-inc1", "rand-m10-mstd101-mmax12-inc1"])
+def test_policy_parse_agrees_with_timm(config):
+    policy = dra.parse_policy(config)
+    ra = timm_aa.rand_augment_transform(config, {"translate_const": 100, "img_mean": FILL})
+    assert [op.name for op in ra.ops] == list(dra.OPS)
+    op = ra.ops[0]
+    assert (policy.layers, policy.prob, policy.magnitude) == (ra.num_layers, op.prob, op.magnitude)
+    assert policy.magnitude_std == op.magnitude_std
+    assert policy.magnitude_max == (op.magnitude_max or 10)
+
+
+def test_draws_are_a_function_of_the_key_alone():
+    keys = sample_keys(3, 1, np.arange(500))
+    full = rand_augment_draws(keys, 15, interpolation="random")
+    part = rand_augment_draws(keys[100:200], 15, interpolation="random")
+    for field in ("ops", "applied", "magnitude", "negate", "bicubic"):
+        assert np.array_equal(getattr(full, field)[100:200], getattr(part, field))
+    other = rand_augment_draws(sample_keys(3, 2, np.arange(500)), 15, interpolation="random")
+    assert not np.array_equal(full.magnitude, other.magnitude)
+
+
+# 0.999 quantiles of chi-square, for when scipy is absent
+_CHI2_999 = {1: 10.828, 9: 27.877, 14: 36.123}
+
+
+def _chi2_two_sample(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's statistic of the 2 x k table (a, b) of counts."""
+    table = np.stack([a, b]).astype(np.float64)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+def _threshold(dof: int) -> float:
+    try:
+        from scipy.stats import chi2
+    except ImportError:
+        return _CHI2_999[dof]
+    return float(chi2.ppf(0.999, dof))
+
+
+def _timm_sampler(n: int):
+    """timm's RandAugment draws over ``n`` images, recorded: op index per layer, and for each applied op its clipped
+    magnitude and whether timm negated it."""
+    ra = timm_aa.rand_augment_transform(CONFIG, {"translate_const": 100, "img_mean": FILL})
+    chosen, magnitudes, negated = [], [], []
+    for k, op in enumerate(ra.ops):
+        def record(img, m, neg, k=k, **_kwargs):
+            chosen.append(k)
+            magnitudes.append(m)
+            negated.append(neg)
+            return img
+
+        op.level_fn = lambda m, _h: (m, timm_aa._randomly_negate(1.0) < 0)
+        op.aug_fn = record
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(11)
+    random.seed(11)
+    try:
+        picks = [np.random.choice(len(ra.ops), ra.num_layers, replace=True) for _ in range(n)]
+        np.random.seed(11)
+        for _ in range(n):
+            ra(None)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return np.concatenate(picks), len(chosen), np.array(magnitudes), np.array(negated)
+
+
+def test_sampler_matches_timms_over_100k_draws():
+    n = 100_000
+    picks, applied, mags, negs = _timm_sampler(n)
+    ours = dra.draw(dra.parse_policy(CONFIG), sample_keys(5, 0, np.arange(n)))
+    stats = {
+        "op": (np.bincount(ours.ops.ravel(), minlength=15), np.bincount(picks, minlength=15), 14),
+        "applied": (np.array([ours.applied.sum(), (~ours.applied).sum()]), np.array([applied, 2 * n - applied]), 1),
+    }
+    edges = np.array([0, 8.0, 8.4, 8.6, 8.8, 9.0, 9.2, 9.4, 9.6, 10.0 - 1e-9, 10.0 + 1e-9])
+    ours_mag = ours.magnitude[ours.applied]
+    stats["magnitude"] = (np.histogram(ours_mag, edges)[0], np.histogram(mags, edges)[0], 9)
+    ours_neg = ours.negate[ours.applied]
+    stats["sign"] = (np.array([ours_neg.sum(), (~ours_neg).sum()]), np.array([negs.sum(), (~negs).sum()]), 1)
+    for what, (a, b, dof) in stats.items():
+        assert len(a) == dof + 1 and a.min() > 100 and b.min() > 100, (what, a, b)
+        value = _chi2_two_sample(a, b)
+        assert value < _threshold(dof), f"{what}: chi2 {value:.1f} over {dof} dof; ours {a}, timm {b}"
+    assert abs(ours_mag.mean() - mags.mean()) < 0.01 and (ours_mag == 10.0).mean() > 0.01
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_for(batch: int, seed: int, compact: bool) -> int:
+    images = torch.from_numpy(rf.fidelity_images(batch, 16, seed)).permute(0, 3, 1, 2).contiguous()
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(seed, 0, np.arange(batch)), "random")
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    with _OpCounter() as counter:
+        dra.device_rand_augment(images, d, FILL, compact=compact)
+    return counter.count
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_operation_count_does_not_depend_on_the_batch(compact):
+    counts = {_ops_for(32, 0, compact), _ops_for(256, 1, compact), _ops_for(32, 2, compact)}
+    assert len(counts) == 1 and counts.pop() > 50
