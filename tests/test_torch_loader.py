@@ -204,7 +204,7 @@ def test_decode_in_the_loader_thread_gives_the_same_batches(split, workers):
 def test_randaugment_changes_the_finetune_images(split):
     plain = _epoch(build_loader(_cfg(split), "train", "finetune"))[0]
     ra = build_loader(_cfg(split, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune")
-    assert ra.path.startswith("CPU decode + crop + timm RandAugment")
+    assert ra.path.startswith("CPU decode + crop + timm RandAugment rand-m9-mstd0.5-inc1 per sample")
     augmented = _epoch(ra)[0]
     changed = (plain - augmented).abs().flatten(1).mean(1) > 0.01
     assert changed.float().mean() > 0.5  # p=0.5 per op, 2 ops: most samples changed, crops identical otherwise
@@ -283,5 +283,5 @@ def test_cuda_loader_equals_cpu_loader_and_ignores_workers(split, stage):
     ft = [build_loader(_cfg(split, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune", device=d)
           for d in ("cpu", "cuda")]
     x_cpu, x_gpu = _epoch(ft[0])[0], _epoch(ft[1])[0]
-    assert x_gpu.is_cuda and not ft[1].device_decode  # timm's RandAugment path: decoded on the CPU, normalised on CUDA
-    torch.testing.assert_close(x_gpu.cpu(), x_cpu, rtol=0, atol=1e-5)
+    assert x_gpu.is_cuda and ft[1].device_decode  # decode, crop and RandAugment on CUDA
+    assert (_to_pixels(x_gpu.cpu()) - _to_pixels(x_cpu)).abs().mean() < 3  # nvJPEG vs libjpeg before the same ops

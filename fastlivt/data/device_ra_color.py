@@ -33,7 +33,7 @@ def histograms(offsets: torch.Tensor, batch: int) -> torch.Tensor:
     """int64 ``[B,3,256]`` pixel counts per sample and channel, from :func:`channel_offsets`."""
     flat = offsets.reshape(-1)
     hist = torch.zeros(batch * 3 * LEVELS, dtype=torch.int64, device=offsets.device)
-    hist.scatter_add_(0, flat, torch.ones_like(flat))
+    hist.scatter_add_(0, flat, flat.new_ones(()).expand(flat.shape))
     return hist.view(batch, 3, LEVELS)
 
 

@@ -72,8 +72,9 @@ def parse_policy(config: str) -> RandAugmentPolicy:
                           f"add '-inc1' to {config!r}")
     std = fields.get("mstd", 0.0)
     return RandAugmentPolicy(layers=int(fields.get("n", 2)), prob=fields.get("p", 0.5),
-                             magnitude=float(int(fields.get("m", 10))), magnitude_std=float("inf") if std > 100 else std,
-                             magnitude_max=float(int(fields.get("mmax", 10))))
+                             magnitude=float(int(fields.get("m", 10))),
+                             magnitude_std=float("inf") if std > 100 else std,
+                             magnitude_max=float(int(fields.get("mmax", 10)) or 10))  # timm: ``magnitude_max or 10``
 
 
 def draw(policy: RandAugmentPolicy, keys: np.ndarray, interpolation: str = "bicubic") -> RandAugmentDraws:
