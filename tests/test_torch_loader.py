@@ -210,6 +210,26 @@ def test_randaugment_changes_the_finetune_images(split):
     assert changed.float().mean() > 0.5  # p=0.5 per op, 2 ops: most samples changed, crops identical otherwise
 
 
+def test_finetune_randaugment_is_timms_policy_on_the_crops(split):
+    """The loader's BFT images = timm's PIL RandAugment ops, with the samples' draws, on the same crops."""
+    from fastlivt.data import device_randaugment as dra
+    from fastlivt.data.ra_fidelity import diff_figures, timm_reference
+    from fastlivt.data.randaugment import timm_rand_augment
+    from fastlivt.data.sample_rng import sample_keys
+
+    config = "rand-m9-mstd0.5-inc1"
+    crops = _to_pixels(_epoch(build_loader(_cfg(split), "train", "finetune"))[0]).round().clamp(0, 255)
+    loader = build_loader(_cfg(split, f"data.auto_augment={config}"), "train", "finetune")
+    got = _to_pixels(_epoch(loader)[0]).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    draws = dra.draw(dra.parse_policy(config), sample_keys(11, 0, loader.positions(loader.plan(0))), "bicubic")
+    ra = timm_rand_augment(config, 32, MEAN, "bicubic")
+    crops = crops.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    ref = np.stack([timm_reference(ra, crops[k], draws, k) for k in range(len(crops))])
+    assert (draws.applied.any(1)).mean() > 0.5 and np.mean(ref != crops) > 0.2
+    figures = diff_figures(got, ref)
+    assert figures["max"] <= 1 and figures["psnr"] >= 35.0, figures  # the same arithmetic as Pillow's, on the CPU
+
+
 def test_plan_is_the_ffcv_and_dali_plan(converted):
     over = ["data.sampler=class_balanced", "data.drop_last=false"]
     t = build_loader(_cfg(converted, *over), "train", "pretrain")
