@@ -62,6 +62,32 @@ def test_whole_policy_matches_timm(setup, compact):
     assert figures["psnr"] >= 35.0 and figures["max"] <= 1, figures  # float64 geometry: Pillow's own arithmetic
 
 
+@pytest.mark.parametrize("magnitude", [0.0, 10.0])
+def test_every_op_at_the_magnitude_bounds_matches_timm_exactly(setup, magnitude):
+    """m = 0 (Rotate by 0 is Pillow's copy) and m = 10 (Posterize to 0 bits = black, Solarize everything)."""
+    ra, images, draws = setup
+    for op in range(len(dra.OPS)):
+        one = rf.forced(draws, op)
+        one.magnitude[:] = magnitude
+        figures = rf.compare(ra, images[:16], _first(one, 16), FILL)
+        assert figures["max"] == 0, (dra.OPS[op], magnitude, figures)
+
+
+def test_non_square_images_match_timm():
+    h, w = 40, 56
+    ra = timm_rand_augment(CONFIG, max(h, w), MEAN, "random")
+    images = rf.fidelity_images(48, w, seed=3)[:, :h]
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(9, 0, np.arange(48)), "random")
+    for op in [dra.OPS.index(n) for n in rf.GEOMETRIC_OPS]:
+        figures = rf.compare(ra, images, rf.forced(draws, op), FILL)
+        assert figures["max"] <= 1 and figures["within1"] >= 99.0, (dra.OPS[op], figures)
+    assert rf.compare(ra, images, draws, FILL)["psnr"] >= 35.0
+
+
+def _first(d, n: int):
+    return type(d)(d.ops[:n], d.applied[:n], d.magnitude[:n], d.negate[:n], d.bicubic[:n])
+
+
 def test_float32_geometry_stays_close(setup):
     ra, images, draws = setup
     geometric = [dra.OPS.index(n) for n in rf.GEOMETRIC_OPS]

@@ -120,15 +120,17 @@ def compare(ra: timm_aa.RandAugment, images: np.ndarray, draws: RandAugmentDraws
 
 
 def forced(draws: RandAugmentDraws, op: int) -> RandAugmentDraws:
-    """``draws`` with op ``op`` applied in the first slot and nothing in the others (magnitudes, signs and filters
-    kept)."""
+    """A copy of ``draws`` with op ``op`` applied in the first slot and nothing in the others (magnitudes, signs and
+    filters kept)."""
     applied = np.zeros_like(draws.applied)
     applied[:, 0] = True
-    return RandAugmentDraws(np.full_like(draws.ops, op), applied, draws.magnitude, draws.negate, draws.bicubic)
+    return RandAugmentDraws(np.full_like(draws.ops, op), applied, draws.magnitude.copy(), draws.negate.copy(),
+                            draws.bicubic.copy())
 
 
 def fidelity_table(config: str = "rand-m9-mstd0.5-inc1", n: int = 64, size: int = 64, seed: int = 0,
-                   mean: Sequence[float] = (0.485, 0.456, 0.406)) -> Dict[str, Dict[str, float]]:
+                   mean: Sequence[float] = (0.485, 0.456, 0.406),
+                   geometry_dtype: torch.dtype = torch.float64) -> Dict[str, Dict[str, float]]:
     """Per op (and 'pipeline' for the whole policy): :func:`diff_figures` of device vs timm over ``n`` images, with
     the policy's draws and bilinear/bicubic at random."""
     from fastlivt.data.randaugment import timm_rand_augment
@@ -137,8 +139,9 @@ def fidelity_table(config: str = "rand-m9-mstd0.5-inc1", n: int = 64, size: int 
     ra = timm_rand_augment(config, size, mean, "random")
     images = fidelity_images(n, size, seed)
     draws = dra.draw(dra.parse_policy(config), sample_keys(seed, 0, np.arange(n)), "random")
-    table = {name: compare(ra, images, forced(draws, k), fill) for k, name in enumerate(dra.OPS)}
-    table["pipeline"] = compare(ra, images, draws, fill)
+    table = {name: compare(ra, images, forced(draws, k), fill, geometry_dtype=geometry_dtype)
+             for k, name in enumerate(dra.OPS)}
+    table["pipeline"] = compare(ra, images, draws, fill, geometry_dtype=geometry_dtype)
     return table
 
 
