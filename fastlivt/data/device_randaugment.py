@@ -4,7 +4,7 @@ torch device.
 The host draws each sample's parameters (:func:`fastlivt.data.sample_rng.rand_augment_draws`, a pure function of
 seed, epoch and position); :func:`device_rand_augment` applies them to a uint8 ``[B,3,H,W]`` batch with a fixed number
 of tensor operations whatever B is: for each of the ``layers`` op slots, every op family runs on the whole batch and
-each sample keeps its own op's result (``torch.where``):
+each sample keeps its own op's result (``torch.where``), or, on the CPU, on the gathered samples that drew it:
 
 * the look-up-table ops (AutoContrast, Equalize, Invert, PosterizeIncreasing, SolarizeIncreasing, SolarizeAdd) and
   the enhance ops (Color/Contrast/Brightness/SharpnessIncreasing): :mod:`fastlivt.data.device_ra_color`;
