@@ -47,15 +47,19 @@ def affine_matrices(kind: torch.Tensor, value: torch.Tensor, height: int, width:
     return torch.gather(candidates, 1, index).squeeze(1)
 
 
-def _cubic(v0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Pillow's cubic in its operation order (``a + -b`` is ``a - b`` exactly; the in-place steps allocate less)."""
-    p3 = (v0 - v1).mul_(2).add_(v2).sub_(v3)
-    p4 = (v1 - v0).sub_(v2).add_(v3)
-    return p4.mul_(d).add_(p3).mul_(d).add_(v2 - v0).mul_(d).add_(v1)
+def _cubic_into(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor,
+                d: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """``out`` = Pillow's cubic of ``v0..v3`` at ``d``, in its operation order (``-a + b`` is ``b - a`` exactly);
+    overwrites ``v0`` and ``scratch``. Written into existing buffers: fresh large CPU tensors cost page faults."""
+    torch.sub(v0, v1, out=scratch).mul_(2).add_(v2).sub_(v3)  # p3 = 2 (v0 - v1) + v2 - v3
+    torch.sub(v1, v0, out=out).sub_(v2).add_(v3)  # p4 = -v0 + v1 - v2 + v3
+    torch.sub(v2, v0, out=v0)  # p2 = -v0 + v2
+    return out.mul_(d).add_(scratch).mul_(d).add_(v0).mul_(d).add_(v1)
 
 
-def _linear(v0: torch.Tensor, v1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    return (v1 - v0).mul_(d).add_(v0)
+def _linear_into(out: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``out`` = ``v0 + (v1 - v0) d`` (Pillow's BILINEAR step)."""
+    return torch.sub(v1, v0, out=out).mul_(d).add_(v0)
 
 
 def affine_transform(img: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Tensor, fill: Sequence[int],
@@ -78,15 +82,20 @@ def affine_transform(img: torch.Tensor, matrix: torch.Tensor, bicubic: torch.Ten
     flat = img.reshape(b * h * w, 3)
     base = (torch.arange(b, device=dev) * (h * w)).view(b, 1, 1)
     cols = [(x0 + k).clamp(0, w - 1) for k in (-1, 0, 1, 2)]
-    cubic_rows, linear_rows = [], []
-    for k in (-1, 0, 1, 2):
+    buffer = torch.empty((10, b, h, w, 3), dtype=dtype, device=dev)
+    taps, rows, linear, scratch = buffer[0:4], buffer[4:8], buffer[8:10], torch.empty_like(buffer[0])
+    index = torch.empty((b, h, w), dtype=torch.int64, device=dev)
+    gathered = torch.empty((b * h * w, 3), dtype=torch.uint8, device=dev)
+    for r, k in enumerate((-1, 0, 1, 2)):
         row = base + (y0 + k).clamp(0, h - 1) * w
-        taps = [flat.index_select(0, (row + c).reshape(-1)).view(b, h, w, 3).to(dtype) for c in cols]
-        cubic_rows.append(_cubic(*taps, dx))
+        for c, col in enumerate(cols):
+            torch.index_select(flat, 0, torch.add(row, col, out=index).view(-1), out=gathered)
+            taps[c].copy_(gathered.view(b, h, w, 3))
         if k in (0, 1):
-            linear_rows.append(_linear(taps[1], taps[2], dx))
-    cubic = torch.trunc(_cubic(*cubic_rows, dy).clamp(0.0, 255.0))
-    linear = torch.trunc(_linear(*linear_rows, dy).clamp(0.0, 255.0))
-    value = torch.where(bicubic.view(b, 1, 1, 1), cubic, linear)
+            _linear_into(linear[k], taps[1], taps[2], dx)
+        _cubic_into(rows[r], *taps, dx, scratch)
+    value = _cubic_into(scratch, *rows, dy, taps[0]).clamp_(0.0, 255.0).trunc_()
+    bilinear = _linear_into(taps[1], linear[0], linear[1], dy).clamp_(0.0, 255.0).trunc_()
+    value = torch.where(bicubic.view(b, 1, 1, 1), value, bilinear, out=value)
     fill_value = torch.tensor([float(c) for c in fill], dtype=dtype, device=dev)
     return torch.where(inside.unsqueeze(-1), value, fill_value).to(torch.uint8)
