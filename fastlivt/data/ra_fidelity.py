@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import auto_augment as timm_aa
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.sample_rng import RandAugmentDraws, sample_keys
@@ -152,3 +153,50 @@ def markdown(table: Dict[str, Dict[str, float]]) -> str:
         psnr = "identical" if f["psnr"] == float("inf") else f"{f['psnr']:.1f}"
         lines.append(f"| {name} | {f['max']} | {f['within1']:.3f} | {f['mean']:.4f} | {psnr} |")
     return "\n".join(lines)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(images: torch.Tensor, draws: dra.DeviceDraws, fill: Sequence[int], **device_kwargs) -> int:
+    """Number of aten operations one :func:`~fastlivt.data.device_randaugment.device_rand_augment` call dispatches."""
+    with _OpCounter() as counter:
+        dra.device_rand_augment(images, draws, fill, **device_kwargs)
+    return counter.count
+
+
+def time_batch(batch: int, size: int, device: torch.device, repeats: int = 5,
+               config: str = "rand-m9-mstd0.5-inc1") -> Dict[str, float]:
+    """Best-of-``repeats`` milliseconds of device RandAugment on a ``[batch,3,size,size]`` uint8 batch (host draws
+    and their copy included), and its aten operation count."""
+    import time
+
+    images = torch.from_numpy(fidelity_images(batch, size)).permute(0, 3, 1, 2).contiguous().to(device)
+    keys = sample_keys(0, 0, np.arange(batch))
+    policy = dra.parse_policy(config)
+
+    def once() -> dra.DeviceDraws:
+        draws = dra.DeviceDraws.from_draws(dra.draw(policy, keys), device)
+        dra.device_rand_augment(images, draws, (124, 116, 104))
+        return draws
+
+    draws = once()
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return {"ms_per_batch": 1000 * best, "ops_per_batch": count_ops(images, draws, (124, 116, 104))}
