@@ -156,7 +156,10 @@ def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence
         family, code, int_arg, factor, geo_value = _slot_arguments(
             draws.ops[:, slot], draws.applied[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
         bicubic = draws.bicubic[:, slot]
-        out = lut_ops(img, torch.where(family == 0, code, 0), int_arg)  # identity for the samples of other families
+        if compact:
+            out = _apply_family(img, img, family == 0, lambda sub, i: lut_ops(sub, code[i], int_arg[i]), compact)
+        else:  # table 0 is the identity: the samples of the other families pass through
+            out = lut_ops(img, torch.where(family == 0, code, 0), int_arg)
         out = _apply_family(out, img, family == 1, lambda sub, i: enhance_ops(sub, code[i], factor[i]), compact)
         out = _apply_family(out, img, family == 2, lambda sub, i: affine_transform(
             sub, affine_matrices(code[i], geo_value[i], h, w), bicubic[i], fill, geometry_dtype), compact)
