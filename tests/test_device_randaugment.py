@@ -95,6 +95,16 @@ def test_float32_geometry_stays_close(setup):
         assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (dra.OPS[op], figures)
 
 
+def test_compact_equals_whole_batch(setup):
+    _, images, draws = setup
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    sizes = [[len(m) for m in slot] for slot in d.members]
+    assert all(0 < n < N_IMAGES for slot in sizes for n in slot), sizes
+    x = torch.from_numpy(images)
+    compact = dra.device_rand_augment(x, d, FILL, channels_last=True)
+    assert torch.equal(compact, dra.device_rand_augment(x, d, FILL, channels_last=True, compact=False))
+
+
 def test_channels_first_equals_channels_last(setup):
     _, images, draws = setup
     d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
@@ -223,6 +233,8 @@ def test_cuda_matches_cpu(setup):
     cpu = dra.device_rand_augment(x, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL, channels_last=True)
     cuda = torch.device("cuda")
     gpu = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True)
-    assert gpu.is_cuda
+    whole = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True,
+                                    compact=False)
+    assert gpu.is_cuda and torch.equal(gpu, whole)
     figures = rf.diff_figures(gpu.cpu().numpy(), cpu.numpy())
     assert figures["max"] <= 1 and figures["within1"] == 100.0 and figures["mean"] < 0.01, figures

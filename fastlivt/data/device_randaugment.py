@@ -4,7 +4,8 @@ torch device.
 The host draws each sample's parameters (:func:`fastlivt.data.sample_rng.rand_augment_draws`, a pure function of
 seed, epoch and position); :func:`device_rand_augment` applies them to a uint8 ``[B,3,H,W]`` batch with a fixed number
 of tensor operations whatever B is: for each of the ``layers`` op slots, every op family runs on the whole batch and
-each sample keeps its own op's result (``torch.where``), or, on the CPU, on the gathered samples that drew it:
+each sample keeps its own op's result (``torch.where``), or (the default) on the gathered samples that drew it, whose
+indices the host finds from the draws:
 
 * the look-up-table ops (AutoContrast, Equalize, Invert, PosterizeIncreasing, SolarizeIncreasing, SolarizeAdd) and
   the enhance ops (Color/Contrast/Brightness/SharpnessIncreasing): :mod:`fastlivt.data.device_ra_color`;
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -91,20 +92,30 @@ def img_mean(mean: Sequence[float]) -> Tuple[int, int, int]:
 @dataclass
 class DeviceDraws:
     """:class:`RandAugmentDraws` as tensors on the device: ``ops`` int64, ``applied``/``negate``/``bicubic`` bool,
-    ``magnitude`` float64, each ``[B, layers]``."""
+    ``magnitude`` float64, each ``[B, layers]``; ``members[slot][family]``: int64 indices of the samples whose op in
+    that slot is applied and of that family (0 look-up table, 1 enhance, 2 geometric), found on the host from the
+    draws, so the device never waits to learn a subset's size."""
 
     ops: torch.Tensor
     applied: torch.Tensor
     magnitude: torch.Tensor
     negate: torch.Tensor
     bicubic: torch.Tensor
+    members: List[List[torch.Tensor]]
 
     @classmethod
-    def from_draws(cls, d: RandAugmentDraws, device: torch.device, non_blocking: bool = False) -> "DeviceDraws":
-        def put(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=non_blocking)
+    def from_draws(cls, d: RandAugmentDraws, device: torch.device) -> "DeviceDraws":
+        """Copy ``d`` to ``device`` (through pinned memory without waiting, on CUDA)."""
+        device = torch.device(device)
+        pin = device.type == "cuda"
 
-        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(d.bicubic))
+        def put(a: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
+
+        family = np.where(d.applied, _FAMILY[d.ops], -1)
+        members = [[put(np.flatnonzero(family[:, slot] == f)) for f in range(3)] for slot in range(d.ops.shape[1])]
+        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(d.bicubic), members)
 
 
 def _slot_arguments(op: torch.Tensor, applied: torch.Tensor, mag: torch.Tensor, negate: torch.Tensor,
@@ -126,29 +137,28 @@ def _slot_arguments(op: torch.Tensor, applied: torch.Tensor, mag: torch.Tensor, 
     return family, code, int_arg, factor, geo_value
 
 
-def _apply_family(out: torch.Tensor, img: torch.Tensor, mask: torch.Tensor,
-                  op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], compact: bool) -> torch.Tensor:
-    """``out`` with the samples of ``mask`` replaced by ``op(their images, their indices)``: on the whole batch and
-    selected with ``torch.where``, or (``compact``) on the gathered subset and scattered back."""
-    if compact:
-        idx = mask.nonzero().squeeze(1)
-        return out.index_copy(0, idx, op(img.index_select(0, idx), idx))
+def _apply_family(out: torch.Tensor, img: torch.Tensor, mask: torch.Tensor, members: Optional[torch.Tensor],
+                  op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``out`` with the samples of ``mask`` replaced by ``op(their images, their indices)``: on the gathered
+    ``members`` (the indices where ``mask`` holds) and put back, or, when ``members`` is None, on the whole batch and
+    selected with ``torch.where``."""
+    if members is not None:
+        return out.index_put((members,), op(img.index_select(0, members), members))
     idx = torch.arange(img.shape[0], device=img.device)
     return torch.where(mask.view(-1, 1, 1, 1), op(img, idx), out)
 
 
 def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence[int],
                         geometry_dtype: torch.dtype = torch.float64, channels_last: bool = False,
-                        compact: Optional[bool] = None) -> torch.Tensor:
+                        compact: bool = True) -> torch.Tensor:
     """timm's RandAugment with each sample's ``draws`` on uint8 images ``[B,3,H,W]`` (``[B,H,W,3]`` when
     ``channels_last``), same layout out; ``fill`` = timm's ``img_mean``.
 
-    ``compact``: run the enhance and geometric ops only on the samples that drew them (gathered, so their count sets
-    the tensors' sizes but not the number of operations); it needs the count on the host, a device sync on CUDA, so
-    the default is compact on the CPU and whole-batch with ``torch.where`` elsewhere."""
+    ``compact``: each op family runs on the samples that drew it only (``draws.members``: their count sets the
+    tensors' sizes, not the number of operations); otherwise every family runs on the whole batch (the same result,
+    about ``layers`` x 3 times the work)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3 if channels_last else 1] != 3:
         raise ValueError(f"device RandAugment expects uint8 RGB images, got {images.dtype} {tuple(images.shape)}")
-    compact = images.device.type == "cpu" if compact is None else compact
     img = images if channels_last else images.permute(0, 2, 3, 1)
     img = img.contiguous()
     _, h, w, _ = img.shape
@@ -156,12 +166,12 @@ def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence
         family, code, int_arg, factor, geo_value = _slot_arguments(
             draws.ops[:, slot], draws.applied[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
         bicubic = draws.bicubic[:, slot]
+        members = draws.members[slot] if compact else [None, None, None]
         if compact:
-            out = _apply_family(img, img, family == 0, lambda sub, i: lut_ops(sub, code[i], int_arg[i]), compact)
+            out = _apply_family(img, img, family == 0, members[0], lambda sub, i: lut_ops(sub, code[i], int_arg[i]))
         else:  # table 0 is the identity: the samples of the other families pass through
             out = lut_ops(img, torch.where(family == 0, code, 0), int_arg)
-        out = _apply_family(out, img, family == 1, lambda sub, i: enhance_ops(sub, code[i], factor[i]), compact)
-        out = _apply_family(out, img, family == 2, lambda sub, i: affine_transform(
-            sub, affine_matrices(code[i], geo_value[i], h, w), bicubic[i], fill, geometry_dtype), compact)
-        img = out
+        out = _apply_family(out, img, family == 1, members[1], lambda sub, i: enhance_ops(sub, code[i], factor[i]))
+        img = _apply_family(out, img, family == 2, members[2], lambda sub, i: affine_transform(
+            sub, affine_matrices(code[i], geo_value[i], h, w), bicubic[i], fill, geometry_dtype))
     return img if channels_last else img.permute(0, 3, 1, 2).contiguous()
