@@ -7,13 +7,14 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.data import auto_augment as timm_aa
 
 from fastlivt.config import ConfigError
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data import ra_fidelity as rf
 from fastlivt.data.randaugment import timm_rand_augment
-from fastlivt.data.sample_rng import rand_augment_draws, sample_keys
+from fastlivt.data.sample_rng import RandAugmentDraws, rand_augment_draws, sample_keys
 
 CONFIG = "rand-m9-mstd0.5-inc1"
 MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +46,74 @@ def test_each_op_matches_timm(setup, op):
     else:
         assert name in rf.GEOMETRIC_OPS
         assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (name, figures)
+
+
+class _RecordingRandom:
+    """timm's ``random`` seen through: every answer it gives, in order, with the op it was given to."""
+
+    def __init__(self):
+        self.calls = []  # (op index, method, value)
+        self.op = -1
+
+    def random(self):
+        v = random.random()
+        self.calls.append((self.op, "random", v))
+        return v
+
+    def gauss(self, mu, sigma):
+        v = random.gauss(mu, sigma)
+        self.calls.append((self.op, "gauss", v))
+        return v
+
+    def choice(self, seq):
+        v = random.choice(seq)
+        self.calls.append((self.op, "choice", list(seq).index(v)))
+        return v
+
+
+def _replay(calls, slots):
+    """The draws of one image from timm's recorded calls: the prob test, the magnitude, the sign, the filter."""
+    applied, magnitude, negate, bicubic = [False] * 2, [0.0] * 2, [False] * 2, [True] * 2
+    for slot in range(slots):
+        mine = [(m, v) for k, m, v in calls if k == slot]
+        applied[slot] = mine[0][1] <= 0.5
+        rest = dict(mine[1:])
+        magnitude[slot] = min(max(rest.get("gauss", 0.0), 0.0), 10.0)
+        negate[slot] = rest.get("random", 0.0) > 0.5
+        bicubic[slot] = rest.get("choice", 1) == 1
+    return applied, magnitude, negate, bicubic
+
+
+def test_timms_own_random_run_is_reproduced_from_its_recorded_draws(setup, monkeypatch):
+    """timm's RandAugment with its real generators, recorded; the device output from those draws equals it: the
+    draw semantics (apply when random() <= p, negate when random() > 0.5, filter = choice) are timm's."""
+    ra, images, _ = setup
+    recorder = _RecordingRandom()
+    monkeypatch.setattr(timm_aa, "random", recorder)
+    state = random.getstate(), np.random.get_state()
+    random.seed(5)
+    np.random.seed(5)
+    outputs, rows = [], []
+    try:
+        for image in images:
+            chosen = np.random.choice(len(ra.ops), ra.num_layers, replace=True)
+            recorder.calls = []
+            out = Image.fromarray(image)
+            for slot, k in enumerate(chosen):
+                recorder.op = slot
+                out = ra.ops[int(k)](out)
+            outputs.append(np.asarray(out))
+            rows.append((chosen, *_replay(recorder.calls, ra.num_layers)))
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    ops, applied, magnitude, negate, bicubic = (np.array([r[i] for r in rows]) for i in range(5))
+    draws = RandAugmentDraws(ops.astype(np.int64), applied, magnitude, negate, bicubic)
+    assert 0 < applied.mean() < 1 and 0 < bicubic[applied].mean() < 1
+    ours = dra.device_rand_augment(torch.from_numpy(images), dra.DeviceDraws.from_draws(draws, torch.device("cpu")),
+                                   FILL, channels_last=True).numpy()
+    figures = rf.diff_figures(ours, np.stack(outputs))
+    assert figures["max"] <= 1 and figures["psnr"] >= 35.0, figures
 
 
 def test_geometric_ops_exercise_both_filters_and_signs(setup):
