@@ -307,3 +307,14 @@ def test_cuda_matches_cpu(setup):
     assert gpu.is_cuda and torch.equal(gpu, whole)
     figures = rf.diff_figures(gpu.cpu().numpy(), cpu.numpy())
     assert figures["max"] <= 1 and figures["within1"] == 100.0 and figures["mean"] < 0.01, figures
+
+
+def test_nothing_applied_is_the_identity_with_the_same_operation_count():
+    images = torch.from_numpy(rf.fidelity_images(8, 16, seed=4)).permute(0, 3, 1, 2).contiguous()
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(4, 0, np.arange(8)), "random")
+    some = rf.count_ops(images, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL)
+    draws.applied[:] = False
+    none = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    assert all(len(m) == 0 for slot in none.members for m in slot)
+    assert torch.equal(dra.device_rand_augment(images, none, FILL), images)
+    assert rf.count_ops(images, none, FILL) == some
