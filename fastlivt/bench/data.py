@@ -247,8 +247,9 @@ def _rows_for(label: str, entry, stage: str, device, dev: str, repeats: int, qui
         row = Row(part="data", name=label, backend=backend, device=dev, shape=shape, dtype="float32", unit="img/s",
                   median=med, spread=(max(rates) - min(rates)) / 2, repeats=repeats, extra=extra)
         if backend.startswith("torch-") and backend != BASELINE:
-            extra["path"] = ("CPU decode + crop + timm RandAugment (PIL)" if stage == "finetune" else
-                             "nvJPEG decode + crop on the GPU" if device.type == "cuda" else "decode + crop on CPU tensors")
+            ra = " + timm RandAugment (device ops)" if stage == "finetune" else ""
+            extra["path"] = (f"nvJPEG decode + crop{ra} on the GPU" if device.type == "cuda" else
+                             f"decode + crop{ra} on CPU tensors")
         if backend == BASELINE:
             base = row
             row.baseline, row.ratio = BASELINE, 1.0

@@ -14,7 +14,10 @@ from a 64-bit key, ``sample_keys(seed, epoch, positions)``, by a counter-based h
 * ``flips``: horizontal flip with probability ``p``.
 * ``aug_seeds``: a 63-bit seed per sample for a per-sample RandAugment generator (timm ops through
   :mod:`fastlivt.data.randaugment`).
-* ``choices``: ``count`` integers in [0, n) per sample (DALI's RandAugment op indices), ``signs``: {0, 1} per draw.
+* ``choices``: ``count`` integers in [0, n) per sample (RandAugment op indices), ``signs``: {0, 1} per draw.
+* ``rand_augment_draws``: everything timm's RandAugment draws for one image (op choices with replacement, the
+  p = 0.5 apply test, the magnitude noise, the sign, the bilinear/bicubic choice), for the device implementation
+  (:mod:`fastlivt.data.device_randaugment`).
 * :func:`train_params` bundles what a training loader needs: ``SampleParams(windows, flip, aug_seed)``.
 
 Only integer arithmetic and IEEE float64 (``log``, ``exp``, ``sqrt``) enter the parameters: they are the same on
@@ -75,6 +78,7 @@ def uniforms(keys: np.ndarray, stream: int, count: int = 1) -> np.ndarray:
 _AREA, _RATIO, _TOP, _LEFT = 0, RRC_ATTEMPTS, 2 * RRC_ATTEMPTS, 2 * RRC_ATTEMPTS + 1
 _FLIP, _AUG, _CHOICE = 2 * RRC_ATTEMPTS + 2, 2 * RRC_ATTEMPTS + 3, 64
 _SIGN = 128
+_RA_APPLY, _RA_NORMAL, _RA_INTERP = 192, 224, 288  # <= 32 layers each (the normal draw takes 2 uniforms a layer)
 
 
 def rrc_windows(keys: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale: Sequence[float] = (0.08, 1.0),
@@ -125,6 +129,49 @@ def choices(keys: np.ndarray, n: int, count: int) -> np.ndarray:
 def signs(keys: np.ndarray, count: int) -> np.ndarray:
     """int32 ``[len(keys), count]`` of {0, 1}, each 1 with probability 0.5."""
     return (uniforms(keys, _SIGN, count) < 0.5).astype(np.int32)
+
+
+@dataclass
+class RandAugmentDraws:
+    """timm's RandAugment draws of each sample, ``[n, layers]`` each: ``ops`` int64 (index into the op list),
+    ``applied`` bool (the op's ``random() <= prob`` test passed), ``magnitude`` float64 (noise added, clipped to
+    ``[0, magnitude_max]``), ``negate`` bool (``_randomly_negate``), ``bicubic`` bool (``_interpolation``'s choice
+    of (BILINEAR, BICUBIC); all True/False when the interpolation is fixed)."""
+
+    ops: np.ndarray
+    applied: np.ndarray
+    magnitude: np.ndarray
+    negate: np.ndarray
+    bicubic: np.ndarray
+
+
+def rand_augment_draws(keys: np.ndarray, num_ops: int, layers: int = 2, prob: float = 0.5, magnitude: float = 9.0,
+                       magnitude_std: float = 0.5, magnitude_max: float = 10.0,
+                       interpolation: str = "bicubic") -> RandAugmentDraws:
+    """timm ``RandAugment``'s draws for ``layers`` ops of ``num_ops`` (uniform, with replacement), as
+    ``AugmentOp.__call__`` makes them: applied with probability ``prob``, magnitude ``N(magnitude, magnitude_std)``
+    (``U(0, magnitude)`` when the std is infinite; exact when 0) clipped to ``[0, magnitude_max]``, negated with
+    probability 0.5, ``interpolation`` 'bilinear', 'bicubic' or 'random' (each with probability 0.5)."""
+    if not 1 <= layers <= 32:
+        raise ValueError(f"RandAugment layers must be in 1..32, got {layers}")
+    if interpolation not in ("bilinear", "bicubic", "random"):
+        raise ValueError(f"RandAugment interpolation must be bilinear, bicubic or random, got {interpolation!r}")
+    n = len(keys)
+    applied = uniforms(keys, _RA_APPLY, layers) <= prob  # timm skips the op when random() > prob
+    if magnitude_std == float("inf"):
+        mag = magnitude * uniforms(keys, _RA_NORMAL, layers)
+    elif magnitude_std > 0:  # Box-Muller on two uniforms of the layer
+        u = uniforms(keys, _RA_NORMAL, 2 * layers).reshape(n, layers, 2)
+        normal = np.sqrt(-2.0 * np.log1p(-u[..., 0])) * np.cos(2.0 * np.pi * u[..., 1])
+        mag = magnitude + magnitude_std * normal
+    else:
+        mag = np.full((n, layers), float(magnitude))
+    if interpolation == "random":
+        bicubic = uniforms(keys, _RA_INTERP, layers) >= 0.5  # random.choice((BILINEAR, BICUBIC))
+    else:
+        bicubic = np.full((n, layers), interpolation == "bicubic")
+    return RandAugmentDraws(choices(keys, num_ops, layers).astype(np.int64), applied,
+                            np.clip(mag, 0.0, float(magnitude_max)), signs(keys, layers).astype(bool), bicubic)
 
 
 @dataclass

@@ -9,29 +9,27 @@ do not depend on data.workers, the world size or a resume.
 
 Where the work runs (logged once per loader):
 
-* CUDA, pretrain/eval, or finetune without RandAugment: data.workers ``DataLoader`` processes read the bytes; a
-  background thread decodes and crops each batch on a side CUDA stream, ``data.batches_ahead`` batches ahead of the
-  training step.
+* CUDA: data.workers ``DataLoader`` processes read the bytes; a background thread decodes and crops each batch on a
+  side CUDA stream, ``data.batches_ahead`` batches ahead of the training step.
 * CPU: the same code on CPU tensors, run whole in the data.workers processes (in the background thread when 0).
-* finetune with ``data.auto_augment``: timm's RandAugment is a PIL policy with no device equivalent, so decoding, the
-  crop and RandAugment (seeded per sample from the same triple, :func:`fastlivt.data.randaugment.seeded_rand_augment`)
-  run on the CPU in the workers (in the background thread when 0); the batch is normalised on the device.
+* finetune with ``data.auto_augment``: timm's RandAugment per sample follows the crop wherever the crop runs
+  (:mod:`fastlivt.data.device_randaugment`; the policy's draws from the same triple, bicubic as timm's
+  ``create_transform(interpolation='bicubic')``).
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from fastlivt.data import device_decode as dd
+from fastlivt.data import device_randaugment as dra
 from fastlivt.data.base import EpochLoader
-from fastlivt.data.randaugment import seeded_rand_augment
-from fastlivt.data.sample_rng import train_params
+from fastlivt.data.sample_rng import sample_keys, train_params
 from fastlivt.data.shards import ShardReader
 from fastlivt.logs import get_logger
 
@@ -44,9 +42,9 @@ class Augmenter:
     0..255 (uint8 on the CPU, float32 on CUDA; picklable)."""
 
     def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
-                 rand_augment=None):
+                 rand_augment: Optional[dra.RandAugmentPolicy] = None, fill: Sequence[int] = (128, 128, 128)):
         self.stage, self.size, self.seed, self.rrc_scale = stage, size, seed, tuple(rrc_scale)
-        self.eval_resize, self.rand_augment = eval_resize, rand_augment
+        self.eval_resize, self.rand_augment, self.fill = eval_resize, rand_augment, tuple(fill)
 
     def __call__(self, images: List[torch.Tensor], positions: np.ndarray, epoch: int) -> torch.Tensor:
         if self.stage == "eval":
@@ -56,11 +54,10 @@ class Augmenter:
         p = train_params(self.seed, epoch, positions, heights, widths, self.rrc_scale)
         top, left, h, w = p.windows.T
         out = dd.crop_resize(images, top, left, h, w, p.flip, self.size)
-        if self.rand_augment is not None:
-            for k, s in enumerate(p.aug_seed):
-                pil = Image.fromarray(out[k].permute(1, 2, 0).contiguous().numpy())
-                pil = seeded_rand_augment(self.rand_augment, pil, int(s))
-                out[k] = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+        if self.rand_augment is not None:  # timm's order: crop, flip, RandAugment; bicubic as create_transform's
+            draws = dra.draw(self.rand_augment, sample_keys(self.seed, epoch, positions), "bicubic")
+            device_draws = dra.DeviceDraws.from_draws(draws, out.device)
+            out = dra.device_rand_augment(out.to(torch.uint8), device_draws, self.fill).to(out.dtype)
         return out
 
 
@@ -97,24 +94,18 @@ class TorchLoader(EpochLoader):
     def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
         super().__init__(cfg, split, stage, device, rank, world)
         d = cfg.data
-        ra = None
-        if self.auto_augment:
-            from fastlivt.data.randaugment import timm_rand_augment
-
-            ra = timm_rand_augment(self.auto_augment, self.img_size, d.mean, "bicubic")
-        self.augment = Augmenter(stage, self.img_size, cfg.run.seed, self.rrc_scale(), self.eval_resize(), ra)
+        ra = dra.parse_policy(self.auto_augment) if self.auto_augment else None
+        self.augment = Augmenter(stage, self.img_size, cfg.run.seed, self.rrc_scale(), self.eval_resize(), ra,
+                                 dra.img_mean(d.mean))
         self.workers = max(0, int(d.workers))
-        self.device_decode = ra is None and self.device.type == "cuda"
+        self.device_decode = self.device.type == "cuda"
         self.dataset = ShardBatches(ShardReader(self.manifest), self.labels, self.augment,
                                     decode_here=not self.device_decode)
-        self.threaded = not (ra is not None and self.workers == 0)
-        self.path = ("nvJPEG decode + crop on " + str(self.device) if self.device_decode else
-                     "CPU decode + crop + timm RandAugment (PIL)" if ra is not None else "CPU decode + crop (CPU tensors)")
-        where = (f"{self.workers} DataLoader workers" if self.workers else
-                 "a background thread" if self.threaded else "the caller's thread")
-        why = ("" if ra is None else f"; data.auto_augment={self.auto_augment} is timm's PIL policy, which has no "
-               "device equivalent, so decoding and augmentation stay on the CPU")
-        log.info("torch loader: %s, host work in %s, normalised on %s%s", self.path, where, self.device, why)
+        where_ra = "" if ra is None else f" + timm RandAugment {self.auto_augment} per sample"
+        self.path = (f"nvJPEG decode + crop{where_ra} on {self.device}" if self.device_decode else
+                     f"CPU decode + crop{where_ra} (CPU tensors)")
+        where = f"{self.workers} DataLoader workers" if self.workers else "a background thread"
+        log.info("torch loader: %s, host work in %s, normalised on %s", self.path, where, self.device)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     # ------------------------------------------------------------------------------------------------ one batch
@@ -158,10 +149,6 @@ class TorchLoader(EpochLoader):
                             pin_memory=self.device.type == "cuda" and not self.device_decode,
                             prefetch_factor=max(1, self.cfg.data.batches_ahead) if self.workers else None)
         items = iter(loader)  # starts the worker processes here, in the caller's thread
-        if not self.threaded:
-            for item in items:
-                yield self._hand_over(*self._finish_on_stream(item))
-            return
         ready: "queue.Queue" = queue.Queue(maxsize=max(1, self.cfg.data.batches_ahead))
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(items, ready, stop), name="torch-loader", daemon=True)

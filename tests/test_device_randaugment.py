@@ -1,0 +1,320 @@
+"""The device RandAugment against timm's own PIL ops with the same draws, its sampler against timm's sampler, and its
+operation count against the batch size."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data import auto_augment as timm_aa
+
+from fastlivt.config import ConfigError
+from fastlivt.data import device_randaugment as dra
+from fastlivt.data import ra_fidelity as rf
+from fastlivt.data.randaugment import timm_rand_augment
+from fastlivt.data.sample_rng import RandAugmentDraws, rand_augment_draws, sample_keys
+
+CONFIG = "rand-m9-mstd0.5-inc1"
+MEAN = (0.485, 0.456, 0.406)
+FILL = dra.img_mean(MEAN)
+N_IMAGES, SIZE = 64, 48
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ra = timm_rand_augment(CONFIG, SIZE, MEAN, "random")
+    images = rf.fidelity_images(N_IMAGES, SIZE, seed=1)
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(7, 2, np.arange(N_IMAGES)), "random")
+    return ra, images, draws
+
+
+@pytest.mark.parametrize("op", range(len(dra.OPS)), ids=list(dra.OPS))
+def test_each_op_matches_timm(setup, op):
+    ra, images, draws = setup
+    one = rf.forced(draws, op)
+    name = dra.OPS[op]
+    ref = np.stack([rf.timm_reference(ra, images[i], one, i) for i in range(N_IMAGES)])
+    changed = np.mean(ref != images)
+    assert changed > 0.05, f"{name}: timm's op left {100 * (1 - changed):.1f}% of values unchanged (harness broken?)"
+    figures = rf.compare(ra, images, one, FILL)
+    if name in rf.INTEGER_OPS:
+        assert figures["max"] == 0, (name, figures)
+    elif name in rf.ENHANCE_OPS:
+        assert figures["max"] <= 1, (name, figures)
+    else:
+        assert name in rf.GEOMETRIC_OPS
+        assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (name, figures)
+
+
+class _RecordingRandom:
+    """timm's ``random`` seen through: every answer it gives, in order, with the op it was given to."""
+
+    def __init__(self):
+        self.calls = []  # (op index, method, value)
+        self.op = -1
+
+    def random(self):
+        v = random.random()
+        self.calls.append((self.op, "random", v))
+        return v
+
+    def gauss(self, mu, sigma):
+        v = random.gauss(mu, sigma)
+        self.calls.append((self.op, "gauss", v))
+        return v
+
+    def choice(self, seq):
+        v = random.choice(seq)
+        self.calls.append((self.op, "choice", list(seq).index(v)))
+        return v
+
+
+def _replay(calls, slots):
+    """The draws of one image from timm's recorded calls: the prob test, the magnitude, the sign, the filter."""
+    applied, magnitude, negate, bicubic = [False] * 2, [0.0] * 2, [False] * 2, [True] * 2
+    for slot in range(slots):
+        mine = [(m, v) for k, m, v in calls if k == slot]
+        applied[slot] = mine[0][1] <= 0.5
+        rest = dict(mine[1:])
+        magnitude[slot] = min(max(rest.get("gauss", 0.0), 0.0), 10.0)
+        negate[slot] = rest.get("random", 0.0) > 0.5
+        bicubic[slot] = rest.get("choice", 1) == 1
+    return applied, magnitude, negate, bicubic
+
+
+def test_timms_own_random_run_is_reproduced_from_its_recorded_draws(setup, monkeypatch):
+    """timm's RandAugment with its real generators, recorded; the device output from those draws equals it: the
+    draw semantics (apply when random() <= p, negate when random() > 0.5, filter = choice) are timm's."""
+    ra, images, _ = setup
+    recorder = _RecordingRandom()
+    monkeypatch.setattr(timm_aa, "random", recorder)
+    state = random.getstate(), np.random.get_state()
+    random.seed(5)
+    np.random.seed(5)
+    outputs, rows = [], []
+    try:
+        for image in images:
+            chosen = np.random.choice(len(ra.ops), ra.num_layers, replace=True)
+            recorder.calls = []
+            out = Image.fromarray(image)
+            for slot, k in enumerate(chosen):
+                recorder.op = slot
+                out = ra.ops[int(k)](out)
+            outputs.append(np.asarray(out))
+            rows.append((chosen, *_replay(recorder.calls, ra.num_layers)))
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    ops, applied, magnitude, negate, bicubic = (np.array([r[i] for r in rows]) for i in range(5))
+    draws = RandAugmentDraws(ops.astype(np.int64), applied, magnitude, negate, bicubic)
+    assert 0 < applied.mean() < 1 and 0 < bicubic[applied].mean() < 1
+    ours = dra.device_rand_augment(torch.from_numpy(images), dra.DeviceDraws.from_draws(draws, torch.device("cpu")),
+                                   FILL, channels_last=True).numpy()
+    figures = rf.diff_figures(ours, np.stack(outputs))
+    assert figures["max"] <= 1 and figures["psnr"] >= 35.0, figures
+
+
+def test_geometric_ops_exercise_both_filters_and_signs(setup):
+    _, _, draws = setup
+    assert draws.bicubic[:, 0].any() and not draws.bicubic[:, 0].all()
+    assert draws.negate[:, 0].any() and not draws.negate[:, 0].all()
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_whole_policy_matches_timm(setup, compact):
+    ra, images, draws = setup
+    assert 0 < draws.applied.mean() < 1
+    figures = rf.compare(ra, images, draws, FILL, compact=compact)
+    assert figures["psnr"] >= 35.0 and figures["max"] <= 1, figures  # float64 geometry: Pillow's own arithmetic
+
+
+@pytest.mark.parametrize("magnitude", [0.0, 10.0])
+def test_every_op_at_the_magnitude_bounds_matches_timm_exactly(setup, magnitude):
+    """m = 0 (Rotate by 0 is Pillow's copy) and m = 10 (Posterize to 0 bits = black, Solarize everything)."""
+    ra, images, draws = setup
+    for op in range(len(dra.OPS)):
+        one = rf.forced(draws, op)
+        one.magnitude[:] = magnitude
+        figures = rf.compare(ra, images[:16], _first(one, 16), FILL)
+        assert figures["max"] == 0, (dra.OPS[op], magnitude, figures)
+
+
+def test_non_square_images_match_timm():
+    h, w = 40, 56
+    ra = timm_rand_augment(CONFIG, max(h, w), MEAN, "random")
+    images = rf.fidelity_images(48, w, seed=3)[:, :h]
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(9, 0, np.arange(48)), "random")
+    for op in [dra.OPS.index(n) for n in rf.GEOMETRIC_OPS]:
+        figures = rf.compare(ra, images, rf.forced(draws, op), FILL)
+        assert figures["max"] <= 1 and figures["within1"] >= 99.0, (dra.OPS[op], figures)
+    assert rf.compare(ra, images, draws, FILL)["psnr"] >= 35.0
+
+
+def _first(d, n: int):
+    return type(d)(d.ops[:n], d.applied[:n], d.magnitude[:n], d.negate[:n], d.bicubic[:n])
+
+
+def test_float32_geometry_stays_close(setup):
+    ra, images, draws = setup
+    geometric = [dra.OPS.index(n) for n in rf.GEOMETRIC_OPS]
+    for op in geometric:
+        figures = rf.compare(ra, images, rf.forced(draws, op), FILL, geometry_dtype=torch.float32)
+        assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (dra.OPS[op], figures)
+
+
+def test_compact_equals_whole_batch(setup):
+    _, images, draws = setup
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    sizes = [[len(m) for m in slot] for slot in d.members]
+    assert all(0 < n < N_IMAGES for slot in sizes for n in slot), sizes
+    x = torch.from_numpy(images)
+    compact = dra.device_rand_augment(x, d, FILL, channels_last=True)
+    assert torch.equal(compact, dra.device_rand_augment(x, d, FILL, channels_last=True, compact=False))
+
+
+def test_channels_first_equals_channels_last(setup):
+    _, images, draws = setup
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    nhwc = torch.from_numpy(images)
+    last = dra.device_rand_augment(nhwc, d, FILL, channels_last=True)
+    first = dra.device_rand_augment(nhwc.permute(0, 3, 1, 2).contiguous(), d, FILL)
+    assert torch.equal(first.permute(0, 2, 3, 1), last)
+    assert not torch.equal(last, nhwc)
+
+
+def test_bad_input_is_refused():
+    d = dra.DeviceDraws.from_draws(dra.draw(dra.parse_policy(CONFIG), sample_keys(0, 0, np.arange(2))),
+                                   torch.device("cpu"))
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        dra.device_rand_augment(torch.zeros(2, 3, 8, 8), d, FILL)
+    for bad in ("rand-m9-mstd0.5", "rand-m9-inc1-tweights", "augmix-m5", "rand-m9-q3-inc1"):
+        with pytest.raises(ConfigError, match="data.auto_augment"):
+            dra.parse_policy(bad)
+
+
+@pytest.mark.parametrize("config", [CONFIG, "rand-m7-n3-p0.8-mstd1-inc1", "rand-m10-mstd101-mmax12-inc1"])
+def test_policy_parse_agrees_with_timm(config):
+    policy = dra.parse_policy(config)
+    ra = timm_aa.rand_augment_transform(config, {"translate_const": 100, "img_mean": FILL})
+    assert [op.name for op in ra.ops] == list(dra.OPS)
+    op = ra.ops[0]
+    assert (policy.layers, policy.prob, policy.magnitude) == (ra.num_layers, op.prob, op.magnitude)
+    assert policy.magnitude_std == op.magnitude_std
+    assert policy.magnitude_max == (op.magnitude_max or 10)
+
+
+def test_draws_are_a_function_of_the_key_alone():
+    keys = sample_keys(3, 1, np.arange(500))
+    full = rand_augment_draws(keys, 15, interpolation="random")
+    part = rand_augment_draws(keys[100:200], 15, interpolation="random")
+    for field in ("ops", "applied", "magnitude", "negate", "bicubic"):
+        assert np.array_equal(getattr(full, field)[100:200], getattr(part, field))
+    other = rand_augment_draws(sample_keys(3, 2, np.arange(500)), 15, interpolation="random")
+    assert not np.array_equal(full.magnitude, other.magnitude)
+
+
+# 0.999 quantiles of chi-square, for when scipy is absent
+_CHI2_999 = {1: 10.828, 9: 27.877, 14: 36.123}
+
+
+def _chi2_two_sample(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's statistic of the 2 x k table (a, b) of counts."""
+    table = np.stack([a, b]).astype(np.float64)
+    expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+    return float(((table - expected) ** 2 / expected).sum())
+
+
+def _threshold(dof: int) -> float:
+    try:
+        from scipy.stats import chi2
+    except ImportError:
+        return _CHI2_999[dof]
+    return float(chi2.ppf(0.999, dof))
+
+
+def _timm_sampler(n: int):
+    """timm's RandAugment draws over ``n`` images, recorded: op index per layer, and for each applied op its clipped
+    magnitude and whether timm negated it."""
+    ra = timm_aa.rand_augment_transform(CONFIG, {"translate_const": 100, "img_mean": FILL})
+    chosen, magnitudes, negated = [], [], []
+    for k, op in enumerate(ra.ops):
+        def record(img, m, neg, k=k, **_kwargs):
+            chosen.append(k)
+            magnitudes.append(m)
+            negated.append(neg)
+            return img
+
+        op.level_fn = lambda m, _h: (m, timm_aa._randomly_negate(1.0) < 0)
+        op.aug_fn = record
+    np_state, py_state = np.random.get_state(), random.getstate()
+    np.random.seed(11)
+    random.seed(11)
+    try:
+        picks = [np.random.choice(len(ra.ops), ra.num_layers, replace=True) for _ in range(n)]
+        np.random.seed(11)
+        for _ in range(n):
+            ra(None)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return np.concatenate(picks), len(chosen), np.array(magnitudes), np.array(negated)
+
+
+def test_sampler_matches_timms_over_100k_draws():
+    n = 100_000
+    picks, applied, mags, negs = _timm_sampler(n)
+    ours = dra.draw(dra.parse_policy(CONFIG), sample_keys(5, 0, np.arange(n)))
+    stats = {
+        "op": (np.bincount(ours.ops.ravel(), minlength=15), np.bincount(picks, minlength=15), 14),
+        "applied": (np.array([ours.applied.sum(), (~ours.applied).sum()]), np.array([applied, 2 * n - applied]), 1),
+    }
+    edges = np.array([0, 8.0, 8.4, 8.6, 8.8, 9.0, 9.2, 9.4, 9.6, 10.0 - 1e-9, 10.0 + 1e-9])
+    ours_mag = ours.magnitude[ours.applied]
+    stats["magnitude"] = (np.histogram(ours_mag, edges)[0], np.histogram(mags, edges)[0], 9)
+    ours_neg = ours.negate[ours.applied]
+    stats["sign"] = (np.array([ours_neg.sum(), (~ours_neg).sum()]), np.array([negs.sum(), (~negs).sum()]), 1)
+    for what, (a, b, dof) in stats.items():
+        assert len(a) == dof + 1 and a.min() > 100 and b.min() > 100, (what, a, b)
+        value = _chi2_two_sample(a, b)
+        assert value < _threshold(dof), f"{what}: chi2 {value:.1f} over {dof} dof; ours {a}, timm {b}"
+    assert abs(ours_mag.mean() - mags.mean()) < 0.01 and (ours_mag == 10.0).mean() > 0.01
+
+
+def _ops_for(batch: int, seed: int, compact: bool) -> int:
+    images = torch.from_numpy(rf.fidelity_images(batch, 16, seed)).permute(0, 3, 1, 2).contiguous()
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(seed, 0, np.arange(batch)), "random")
+    d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    return rf.count_ops(images, d, FILL, compact=compact)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_operation_count_does_not_depend_on_the_batch(compact):
+    counts = {_ops_for(32, 0, compact), _ops_for(256, 1, compact), _ops_for(32, 2, compact)}
+    assert len(counts) == 1 and counts.pop() > 50
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu(setup):
+    _, images, draws = setup
+    x = torch.from_numpy(images)
+    cpu = dra.device_rand_augment(x, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL, channels_last=True)
+    cuda = torch.device("cuda")
+    gpu = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True)
+    whole = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True,
+                                    compact=False)
+    assert gpu.is_cuda and torch.equal(gpu, whole)
+    figures = rf.diff_figures(gpu.cpu().numpy(), cpu.numpy())
+    assert figures["max"] <= 1 and figures["within1"] == 100.0 and figures["mean"] < 0.01, figures
+
+
+def test_nothing_applied_is_the_identity_with_the_same_operation_count():
+    images = torch.from_numpy(rf.fidelity_images(8, 16, seed=4)).permute(0, 3, 1, 2).contiguous()
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(4, 0, np.arange(8)), "random")
+    some = rf.count_ops(images, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL)
+    draws.applied[:] = False
+    none = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
+    assert all(len(m) == 0 for slot in none.members for m in slot)
+    assert torch.equal(dra.device_rand_augment(images, none, FILL), images)
+    assert rf.count_ops(images, none, FILL) == some
