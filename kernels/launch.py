@@ -5,7 +5,6 @@ The argument list is built in one place (:func:`launch_args`) so that the real l
 """
 from __future__ import annotations
 
-import functools
 import os
 from collections import Counter
 from typing import Callable, Dict, Optional, Tuple
@@ -37,11 +36,20 @@ def _loop_bound_probe(out_ptr, n):
     tl.store(out_ptr + tl.arange(0, 1), acc)
 
 
-@functools.lru_cache(maxsize=1)
+_INTERPRETER_PROBE: Dict[str, str] = {}  # a plain dict: dynamo reads it as a constant (it would trace into lru_cache)
+
+
 def interpreter_problem() -> str:
     """'' when Triton's interpreter runs a loop whose bound is computed in the kernel; else why not. (triton 3.6's
     interpreter turns such a bound into a Python int with int() of a 1-element numpy array, which numpy >= 2.4
-    refuses; triton 3.8 squeezes the array first.) Probed once, on a one-program kernel."""
+    refuses; triton 3.8 squeezes the array first.) Probed once per process, on a one-program kernel, when a loss
+    first chooses its path (before any compiled region runs it)."""
+    if "problem" not in _INTERPRETER_PROBE:
+        _INTERPRETER_PROBE["problem"] = _probe_interpreter()
+    return _INTERPRETER_PROBE["problem"]
+
+
+def _probe_interpreter() -> str:
     out = torch.zeros(1)
     try:
         _loop_bound_probe[(1,)](out, 3)

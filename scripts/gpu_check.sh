@@ -27,7 +27,7 @@ STEPS="env:25 tests-kernel:50 bench-loss:60 bench-compiled:110 bench-data:35 ben
 if [ "$DRY_RUN" = cpu ]; then
     DEVICE=cpu INTERPRET=1 COMPILED_ARGS=(--quick)
     # 2 shared CPU cores: the CPU limits are those of a 6-minute dry run, not the GPU's (torch.compile on 2 cores).
-    STEPS="env:25 tests-kernel:60 bench-loss:60 bench-compiled:150 bench-data:30 bench-deepspeed:20"
+    STEPS="env:25 tests-kernel:45 bench-loss:45 bench-compiled:200 bench-data:30 bench-deepspeed:15"
     KERNEL_TESTS=(tests/test_kernel.py tests/test_kernel_v2.py -m "not cuda")
 elif [ -n "$DRY_RUN" ]; then
     echo "gpu_check: DRY_RUN=$DRY_RUN: only DRY_RUN=cpu is known" >&2; exit 2

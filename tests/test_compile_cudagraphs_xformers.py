@@ -1,4 +1,5 @@
-"""CUDA-graph compile modes are refused until measured on a GPU; xformers' attention stays outside fullgraph blocks.
+"""CUDA-graph compile modes are refused until measured on a GPU; xformers' attention stays outside fullgraph blocks;
+blocks that differ only in their drop-path rate share one compiled graph.
 
 The xformers half runs on CPU against a stand-in with xformers' calling convention (``xformers.ops.
 memory_efficient_attention(q, k, v, p=..., scale=...)`` on [B, N, heads, d] tensors, computed with torch's SDPA), so
@@ -123,3 +124,42 @@ def test_sdpa_blocks_are_still_compiled_whole(monkeypatch):
                       attention="sdpa")
     regions = compile_model(model, CompileChoice(True, None, "test"))
     assert {"blocks.0", "blocks.1"} <= set(regions)
+
+
+def _block_graphs(drop_path: float) -> int:
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = build_vit("vit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5,
+                      attention="sdpa", drop_path=drop_path).train()
+    compile_model(model, CompileChoice(True, None, "test"))
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    assert dict(counters["graph_break"]) == {}
+    return counters["stats"]["unique_graphs"]
+
+
+def test_blocks_with_different_drop_path_rates_share_one_graph(monkeypatch):
+    from timm.layers import DropPath
+
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    # rates 0, 1/30, 2/30, 0.1: block 0 holds an Identity (one graph of its own), blocks 1-3 one graph between them
+    assert _block_graphs(0.1) == _block_graphs(0.0) + 1
+    model = build_vit("vit_tiny", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=5,
+                      drop_path=0.1)
+    keys = set(model.state_dict())
+    compile_model(model, CompileChoice(True, None, "test"))
+    assert set(model.state_dict()) == keys  # the rate buffer is not persistent
+    assert not any(isinstance(m, DropPath) for m in model.modules())
+    torch._dynamo.reset()
+
+
+def test_tensor_rate_drop_path_keeps_timm_statistics():
+    from fastlivt.models.compile import TensorRateDropPath
+
+    x = torch.ones(20000, 3)
+    torch.manual_seed(0)
+    y = TensorRateDropPath(0.25).train()(x)
+    kept = (y[:, 0] != 0).float().mean().item()
+    assert abs(kept - 0.75) < 0.02 and torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    assert torch.equal(TensorRateDropPath(0.25).eval()(x), x)
+    assert torch.equal(TensorRateDropPath(1.0).train()(x), torch.zeros_like(x))

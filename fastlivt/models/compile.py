@@ -17,6 +17,12 @@ CUDA graphs (``reduce-overhead``, ``max-autotune``: Inductor's ``triton.cudagrap
 measured on a GPU with this loop: it keeps a graph output (the step's loss) past the next replay, which overwrites it,
 and the Bal-BCE kernel allocates its device counter and bias table on first use, inside the captured region.
 
+Stochastic depth: timm's ``DropPath`` keeps its rate as a Python float, which dynamo guards by value, so blocks with
+different rates (BFT's linearly increasing drop path) would each compile again, and past dynamo's recompile limit (8)
+the remaining blocks would run eager. Before compiling, each block's ``DropPath`` is swapped for
+:class:`TensorRateDropPath` (the same computation, the rate in a non-persistent buffer: the blocks share one graph
+again; state dicts are unchanged; its mask comes from the compiled graph's RNG, as every random op's does there).
+
 xformers inside a ``fullgraph=True`` block has never been traced (its dispatcher is Python that dynamo would have to
 follow, and it runs on CUDA only). A block whose attention resolves to xformers is therefore compiled piece by piece
 (its norms, the qkv/proj projections, the MLP), the attention core between them staying eager; this is logged.
@@ -131,6 +137,7 @@ def compile_model(model: nn.Module, choice: CompileChoice) -> List[str]:
     compiled, eager_attention = [], []
     for path in paths:
         module = model.get_submodule(path)
+        _rate_as_buffer(module)
         if _attention_is_xformers(module):
             eager_attention.append(path)
             pieces = [f"{path}.{name}" for name in BLOCK_PIECES if _compilable(module, name)]
@@ -147,6 +154,34 @@ def compile_model(model: nn.Module, choice: CompileChoice) -> List[str]:
     log.info("torch.compile: %d regions of %s (%s ... %s)", len(compiled), type(model).__name__, compiled[0],
              compiled[-1])
     return compiled
+
+
+class TensorRateDropPath(nn.Module):
+    """timm's ``DropPath`` (per-sample stochastic depth, scaled by 1/keep) with its rate in a buffer, not a float."""
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool = True):
+        super().__init__()
+        self.register_buffer("drop_prob", torch.tensor(float(drop_prob)), persistent=False)
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.drop_prob.to(x.dtype)
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if self.scale_by_keep:
+            mask = mask / keep.clamp(min=torch.finfo(x.dtype).tiny)  # keep = 0 drops the path (mask 0), as timm
+        return x * mask
+
+
+def _rate_as_buffer(block: nn.Module) -> None:
+    from timm.layers import DropPath
+
+    for name, child in list(block.named_children()):
+        if isinstance(child, DropPath) and child.drop_prob > 0.0:
+            new = TensorRateDropPath(child.drop_prob, child.scale_by_keep).to(next(block.parameters()).device)
+            new.train(child.training)
+            setattr(block, name, new)
 
 
 # The layers of a timm ViT block around its attention core (absent or Identity ones are skipped).
@@ -201,4 +236,4 @@ def is_compiled(module: nn.Module) -> bool:
 
 
 __all__ = ["COMPILE_CHOICES", "CompileChoice", "CompileConfigError", "compile_criterion", "compile_mode_options",
-           "compile_model", "graph_breaks", "is_compiled", "region_paths", "resolve_compile"]
+           "compile_model", "graph_breaks", "TensorRateDropPath", "is_compiled", "region_paths", "resolve_compile"]
