@@ -128,3 +128,13 @@ def test_engine_bench_parts_write_rows_or_unavailable(tmp_path, part, missing):
     if missing:  # the engine's rows say which module is missing; the rows that need no engine are measured
         assert any(missing in (r["unavailable"] or "") for r in rows), rows
         assert any(r["median"] for r in rows), rows
+
+
+def test_convert_without_ffcv_is_a_one_line_error(tmp_path):
+    (tmp_path / "src" / "c0").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "c0" / "a.jpg")
+    res = _run(["-m", "fastlivt", "convert", "imagefolder", "--root", str(tmp_path / "src"), "--out",
+                str(tmp_path / "out"), "--no-progress"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith("fastlivt: error: convert needs ffcv 1.0.2")
+    assert not (tmp_path / "out").exists()
