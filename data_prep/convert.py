@@ -186,7 +186,11 @@ def _import_ffcv() -> None:
     import torch
 
     threads = torch.get_num_threads()
-    from ffcv.fields import rgb_image  # noqa: F401
+    try:
+        from ffcv.fields import rgb_image  # noqa: F401
+    except ImportError as e:  # both formats are written with FFCV's resize rule and JPEG encoder
+        raise ConfigError(f"convert needs ffcv 1.0.2 (both formats use its resize rule and JPEG encoder; "
+                          f"pip install 'fastlivt[ffcv]'): {e}") from e
 
     torch.set_num_threads(threads)
 

@@ -31,11 +31,48 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
 
 
+@triton.jit
+def _loop_bound_probe(out_ptr, n):
+    bound = tl.program_id(0) + n  # a loop bound computed in the kernel, as the Bal-BCE kernel's chunk loop has
+    acc = tl.zeros([1], tl.float32)
+    for _ in range(0, bound):
+        acc += 1.0
+    tl.store(out_ptr + tl.arange(0, 1), acc)
+
+
+_INTERPRETER_PROBE: Dict[str, str] = {}  # a plain dict: dynamo reads it as a constant (it would trace into lru_cache)
+
+
+def interpreter_problem() -> str:
+    """'' when Triton's interpreter runs a loop whose bound is computed in the kernel; else why not. (triton 3.6's
+    interpreter turns such a bound into a Python int with int() of a 1-element numpy array, which numpy >= 2.4
+    refuses; triton 3.8 squeezes the array first.) Probed once per process, on a one-program kernel, when a loss
+    first chooses its path (before any compiled region runs it)."""
+    if "problem" not in _INTERPRETER_PROBE:
+        _INTERPRETER_PROBE["problem"] = _probe_interpreter()
+    return _INTERPRETER_PROBE["problem"]
+
+
+def _probe_interpreter() -> str:
+    out = torch.zeros(1)
+    try:
+        _loop_bound_probe[(1,)](out, 3)
+    except Exception as e:
+        import numpy
+
+        return (f"triton {triton.__version__}'s interpreter cannot run the kernel with numpy {numpy.__version__} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    return "" if out.item() == 3.0 else f"triton {triton.__version__}'s interpreter computed a wrong loop count"
+
+
 def kernel_available(device: torch.device) -> Tuple[bool, str]:
     """Whether the kernel can run on tensors of ``device``, and why (for logs and benchmark rows)."""
     if device.type == "cuda":
         return True, "logits on CUDA"
     if interpreter_enabled():
+        problem = interpreter_problem()
+        if problem:
+            return False, f"TRITON_INTERPRET=1 but {problem}"
         return True, f"TRITON_INTERPRET=1 (logits on {device.type}, Triton interpreter)"
     return False, f"logits on {device.type} and TRITON_INTERPRET is not set (Triton needs CUDA or its interpreter)"
 

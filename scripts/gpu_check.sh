@@ -1,71 +1,109 @@
 #!/usr/bin/env bash
-# The GPU checks and timings for a short window on a lent GPU server (torch 2.11 + triton 3.6 + timm + torchvision;
-# no FFCV, DALI, xformers or DeepSpeed: those rows say `unavailable: <reason>`). No wheels, no network, <= 6 minutes.
-#   OUT=/path bash scripts/gpu_check.sh          (default OUT=runs/gpu_check)
-# In priority order, each step under its own timeout, every row written as soon as measured (`fastlivt bench`
-# rewrites $OUT/<part>/bench-*.{json,md} after every part) and every log teed into $OUT:
-#   1. environment and the bf16 GEMM peak (the MFU denominator)                                  ~20 s
-#   2. the Bal-BCE kernel's CUDA tests; `bench loss` (C = 365, 1000, 8142; launch sweep at 8142)  ~80 s
-#   3. MGP ViT-B/16 and BFT ViT-B/16 224 bf16, eager vs torch.compile: img/s, MFU, peak memory    ~120 s
-#   4. nvJPEG decode images/s (`bench data --device cuda`; a logged skip if that part is missing) ~60 s
-#   5. ViT-L/16 384 BFT step (plain PyTorch, +/- activation checkpointing; ZeRO-3 rows need DeepSpeed)
+# The GPU checks and timings for a short window on a lent GPU server, every figure in <= 330 s of step limits.
+#   OUT=/path bash scripts/gpu_check.sh            (default OUT=runs/gpu_check; GPU_WHEELS=.gpu_wheels)
+#   DRY_RUN=cpu bash scripts/gpu_check.sh          the same steps on the CPU (scripts/gpu_twin.sh runs it in a twin
+#                                                  of the GPU image): every step reaches its measuring code
+#   PLAN_ONLY=1 bash scripts/gpu_check.sh          print the steps (name, limit, command) and exit
+# The image it targets: Python 3.12 venv, torch 2.11 + triton 3.6 + torchvision 0.26 + timm, numpy, pyyaml,
+# safetensors, tqdm, pillow, matplotlib, pytest, numba, opencv-python-headless; no network; no pydantic, FFCV, DALI,
+# xformers or DeepSpeed. pydantic comes from the wheel folder (bash scripts/gpu_wheels.sh, brought along), installed
+# first with `pip install --no-index`; the engine rows say `unavailable: <reason>`.
+# Steps in priority order, each under its own limit, every row written as soon as measured (`fastlivt bench` rewrites
+# $OUT/<part>/bench-*.{json,md} after every group of rows), every log teed into $OUT:
+#   env             environment and the bf16/fp32 GEMM peak (the MFU denominator)
+#   tests-kernel    the Bal-BCE kernel's CUDA tests, compiled (TRITON_INTERPRET=0)
+#   bench-loss      the loss benchmark (C = 365, 1000, 8142; launch sweep at 8142)
+#   bench-compiled  MGP and BFT ViT-B/16 224 bf16, eager vs torch.compile: img/s, MFU, peak memory
+#   bench-data      nvJPEG decode images/s (the loader rows need a converted dataset, i.e. FFCV: unavailable here)
+#   bench-deepspeed ViT-L/16 384 BFT step, plain PyTorch +/- activation checkpointing (ZeRO-3 rows need DeepSpeed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 OMP_WAIT_POLICY=PASSIVE
-START=$SECONDS
-step() {  # step NAME TIMEOUT_S CMD... : run, tee the full log, say how it ended; never abort the script
-    local name=$1 limit=$2; shift 2
+WHEELS=${GPU_WHEELS:-.gpu_wheels}
+DRY_RUN=${DRY_RUN:-}
+PY=${PY:-python3}
+# name:limit_s, in the order they run; the limits add up to 330 s (tests/test_gpu_check.py checks both).
+STEPS="env:25 tests-kernel:50 bench-loss:60 bench-compiled:110 bench-data:35 bench-deepspeed:50"
+if [ "$DRY_RUN" = cpu ]; then
+    DEVICE=cpu INTERPRET=1 COMPILED_ARGS=(--quick)
+    # 2 shared CPU cores: the CPU limits are those of a 6-minute dry run, not the GPU's (torch.compile on 2 cores).
+    STEPS="env:25 tests-kernel:45 bench-loss:45 bench-compiled:200 bench-data:30 bench-deepspeed:15"
+    KERNEL_TESTS=(tests/test_kernel.py tests/test_kernel_v2.py -m "not cuda")
+elif [ -n "$DRY_RUN" ]; then
+    echo "gpu_check: DRY_RUN=$DRY_RUN: only DRY_RUN=cpu is known" >&2; exit 2
+else
+    DEVICE=cuda INTERPRET=0 COMPILED_ARGS=()
+    KERNEL_TESTS=(tests/test_kernel.py tests/test_kernel_v2.py -m cuda)
+fi
+limit() { local s; for s in $STEPS; do [ "${s%%:*}" = "$1" ] && { echo "${s#*:}"; return; }; done; echo "no limit for $1" >&2; exit 2; }
+
+step() {  # step NAME CMD... : run under NAME's limit, tee the full log, say how it ended; never abort the script
+    local name=$1; shift
+    local lim; lim=$(limit "$name")
     local cmd="$*"
-    echo "=== [$((SECONDS - START)) s] $name (limit ${limit} s): ${cmd:0:100}" | tee -a "$OUT/summary.txt"
-    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    if [ -n "${PLAN_ONLY:-}" ]; then cmd=${cmd//$'\n'/ }; echo "$name $lim TRITON_INTERPRET=$TRITON_INTERPRET ${cmd:0:150}"; return; fi
+    echo "=== [$((SECONDS - START)) s] $name (limit ${lim} s): ${cmd:0:120}" | tee -a "$OUT/summary.txt"
+    timeout --kill-after=5 "$lim" "$@" > >(tee "$OUT/$name.log") 2>&1
     local rc=$?
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "    $name: TIMED OUT after ${limit} s (rows so far kept)" | tee -a "$OUT/summary.txt"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then echo "    $name: TIMED OUT after ${lim} s (rows so far kept)" | tee -a "$OUT/summary.txt"
     elif [ $rc -ne 0 ]; then echo "    $name: exit $rc (see $OUT/$name.log)" | tee -a "$OUT/summary.txt"
     else echo "    $name: ok" | tee -a "$OUT/summary.txt"; fi
 }
-bench() {  # bench PART TIMEOUT_S [ARGS...]
-    local part=$1 limit=$2; shift 2
-    step "bench-$part" "$limit" python3 -m fastlivt bench "$part" --device cuda --out "$OUT/$part" "$@"
+bench() {  # bench PART [ARGS...]
+    local part=$1; shift
+    step "bench-$part" "$PY" -m fastlivt bench "$part" --device "$DEVICE" --out "$OUT/$part" "$@"
 }
 
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=$INTERPRET OMP_WAIT_POLICY=PASSIVE
+START=$SECONDS
+if [ -z "${PLAN_ONLY:-}" ]; then
+    mkdir -p "$OUT"
+    # 0. pydantic (fastlivt.config needs it) from the wheel folder, without network, before anything else
+    if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+        PIP_DISABLE_PIP_VERSION_CHECK=1 "$PY" -m pip install -q --no-index --find-links "$WHEELS" pydantic \
+            2>&1 | tee -a "$OUT/summary.txt"
+    else
+        echo "gpu_check: the wheel folder $WHEELS is missing: make it with 'bash scripts/gpu_wheels.sh' where there" \
+             "is network and bring it along (or set GPU_WHEELS=DIR)" | tee -a "$OUT/summary.txt" >&2
+    fi
+    if ! "$PY" -c "import pydantic" 2>/dev/null; then
+        echo "gpu_check: pydantic does not import, and fastlivt.config needs it: no bench part could run; stopping" \
+             | tee -a "$OUT/summary.txt" >&2
+        exit 2
+    fi
+fi
+
 # 1. environment and GEMM peak
-step env 80 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
-python3 - <<PY
-import torch, triton, timm, torchvision
+step env bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || true
+"$0" - "$1" <<PY
+import sys, torch, triton, timm, torchvision
 from fastlivt.bench.common import gemm_peak_flops
-print("torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__, "torchvision", torchvision.__version__)
-for mod in ("ffcv", "nvidia.dali", "deepspeed", "xformers"):
+print("python", sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "timm",
+      timm.__version__, "torchvision", torchvision.__version__)
+for mod in ("pydantic", "ffcv", "nvidia.dali", "deepspeed", "xformers"):
     try:
         __import__(mod); print(mod, "imports")
     except Exception as e:
-        print(mod, "unavailable:", type(e).__name__, e)
-d = torch.device("cuda")
+        print(mod, "unavailable:", e)
+d = torch.device(sys.argv[1])
 for dt in (torch.bfloat16, torch.float32):
-    print("GEMM peak", dt, round(gemm_peak_flops(d, dt) / 1e12, 1), "TFLOP/s (8192^3, best of 10)")
-PY'
+    print("GEMM peak", d, dt, round(gemm_peak_flops(d, dt) / 1e12, 3), "TFLOP/s")
+PY' "$PY" "$DEVICE"
 
-# 2. the kernel: correctness on the GPU, then the loss benchmark (C = 8142 included, with the launch-layout sweep)
-step tests-kernel 90 python3 -m pytest -q -m cuda -p no:cacheprovider tests/test_kernel.py
-bench loss 100 --quick
+# 2. the kernel: correctness on the GPU (compiled; on the CPU dry run the interpreter tests), then the loss benchmark
+step tests-kernel "$PY" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}"
+bench loss --quick
 
 # 3. the training step at the FLOP limit: MGP and BFT ViT-B/16 224 bf16, eager vs compiled, MFU and peak memory
-bench compiled 170
+bench compiled "${COMPILED_ARGS[@]}"
 
 # 4. GPU decoding (nvJPEG through torchvision) against the step's images/s
-if python3 -c "import torchvision.io as io, sys; sys.exit(0 if hasattr(io, 'decode_jpeg') else 1)"; then
-    bench data 70 --quick
-else
-    echo "    skip: torchvision.io.decode_jpeg missing (no nvJPEG row)" | tee -a "$OUT/summary.txt"
-fi
+bench data --quick
 
 # 5. ViT-L/16 at 384 (last: the largest model, the first thing to drop when the window is short)
-REMAIN=$((360 - (SECONDS - START)))
-if [ $REMAIN -gt 40 ]; then
-    bench deepspeed $((REMAIN - 10)) --quick
-else
-    echo "    skip: ViT-L/384 (only ${REMAIN} s of the 6-minute window left)" | tee -a "$OUT/summary.txt"
-fi
+bench deepspeed --quick
+
+[ -n "${PLAN_ONLY:-}" ] && exit 0
 echo "=== done in $((SECONDS - START)) s; rows in $OUT/*/bench-*.md, logs in $OUT/*.log" | tee -a "$OUT/summary.txt"
 cat "$OUT"/*/bench-*.md > "$OUT/all_rows.md" 2>/dev/null
+exit 0

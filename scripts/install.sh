@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install fastlivt and everything it needs on a fresh Debian/Ubuntu machine (idempotent; safe to re-run).
-#   bash scripts/install.sh          # system packages + the package
+#   bash scripts/install.sh          # system packages + the package with every optional engine (extra "engines":
+#                                    # FFCV, DALI, xformers, DeepSpeed; `pip install fastlivt` alone installs none)
 #   bash scripts/install.sh --dev    # ... + test dependencies
 # Python: see scripts/python_env.sh (an active venv, else python3, else ./.venv where python3 is externally managed).
 # When it installs into ./.venv, the `fastlivt` command is linked into /usr/local/bin so that it is on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra=""
-[ "${1:-}" = "--dev" ] && extra="[dev]"
+extra="[engines]"
+[ "${1:-}" = "--dev" ] && extra="[engines,dev]"
 bash scripts/install_system.sh
 source scripts/python_env.sh
 echo "install: Python $("$PY" -c 'import sys; print(sys.executable, sys.version.split()[0])')"

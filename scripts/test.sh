@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 source scripts/python_env.sh
-# Triton kernels run on CPU through the interpreter; it must be set before anything imports triton.
-export TRITON_INTERPRET=1 OMP_WAIT_POLICY=PASSIVE
+# tests/conftest.py sets TRITON_INTERPRET=1 (before anything imports triton) only where no CUDA device is visible:
+# on a GPU the kernel's CUDA tests run the compiled kernel. An exported TRITON_INTERPRET is kept.
+export OMP_WAIT_POLICY=PASSIVE
 "$PY" -m pytest -q tests "$@"

@@ -1,9 +1,30 @@
-"""Test-wide settings. TRITON_INTERPRET must be set before anything imports triton (torch's helpers do too)."""
-import os
+"""Test-wide settings. TRITON_INTERPRET must be set before anything imports triton (torch's helpers do too).
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+Triton's interpreter is switched on only where no CUDA device is visible: on a GPU the kernel's CUDA tests run the
+compiled kernel (fast-math path included). ``torch.cuda.is_available()`` does not import triton, so it can decide.
+A TRITON_INTERPRET already in the environment is kept.
+"""
+import os
+import sys
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def _set_triton_interpreter() -> None:
+    if "TRITON_INTERPRET" in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if "triton" in sys.modules:  # too late: triton read the variable when it was imported
+        raise RuntimeError("no CUDA device and triton was imported before tests/conftest.py could set "
+                           "TRITON_INTERPRET=1: export TRITON_INTERPRET=1 before running pytest")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+_set_triton_interpreter()
 
 import pytest  # noqa: E402
 

@@ -10,7 +10,8 @@ from timm.data.mixup import Mixup
 from timm.data.random_erasing import RandomErasing
 
 from fastlivt.data.augment import BatchAugment, Normalize
-from fastlivt.data.randaugment import FFCVRandAugment, timm_rand_augment
+from fastlivt.data.ffcv_ops import FFCVRandAugment
+from fastlivt.data.randaugment import timm_rand_augment
 
 C = 7
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -63,8 +63,8 @@ def test_auto_is_off_on_cpu_on_on_cuda_and_refuses_zero3():
         logging.getLogger("fastlivt").removeHandler(handler)
     assert not cpu.enabled and "x eager" in cpu.reason  # says what was measured
     assert any("torch.compile off" in r and cpu.reason in r for r in records), records  # the choice is logged
-    cuda = resolve_compile("auto", "reduce-overhead", torch.device("cuda"))
-    assert cuda.enabled and cuda.mode == "reduce-overhead"
+    cuda = resolve_compile("auto", "max-autotune-no-cudagraphs", torch.device("cuda"))
+    assert cuda.enabled and cuda.mode == "max-autotune-no-cudagraphs"
     assert resolve_compile("on", "default", torch.device("cpu")).enabled
     assert resolve_compile("on", "default", torch.device("cpu")).mode is None
     assert not resolve_compile("off", "default", torch.device("cuda")).enabled
@@ -75,8 +75,9 @@ def test_auto_is_off_on_cpu_on_on_cuda_and_refuses_zero3():
         runtime(compile="maybe")
     assert resolve_compile(True, "default", torch.device("cpu")).enabled  # YAML's bare `on`
     assert not resolve_compile(False, "default", torch.device("cuda")).enabled
-    rt = TorchRuntime(load_config(TrainConfig, None, ["run.device=cpu", "run.compile=on", "run.compile_mode=max-autotune"]))
-    assert rt.compile.enabled and rt.compile.mode == "max-autotune"  # passed through to Inductor
+    rt = TorchRuntime(load_config(TrainConfig, None, ["run.device=cpu", "run.compile=on",
+                                                      "run.compile_mode=max-autotune-no-cudagraphs"]))
+    assert rt.compile.enabled and rt.compile.mode == "max-autotune-no-cudagraphs"  # passed through to Inductor
     with pytest.raises(ConfigError, match="run.compile_mode: .*'fastest'"):
         TorchRuntime(load_config(TrainConfig, None, ["run.device=cpu", "run.compile=on", "run.compile_mode=fastest"]))
 

@@ -98,7 +98,7 @@ KEYS = {
     "run.amp": ("fp32", run_probe, {"run.cpu_bf16": True}),
     "run.cpu_bf16": (True, run_probe, {}),
     "run.compile": ("on", compile_probe, {}),  # auto stays eager on CPU
-    "run.compile_mode": ("max-autotune", compile_probe, {"run.compile": "on"}),
+    "run.compile_mode": ("max-autotune-no-cudagraphs", compile_probe, {"run.compile": "on"}),
     "run.ckpt_every_steps": (1, run_probe, {}),
     "run.eval_every": (2, run_probe, {"data.val": "memory"}),
     "run.vis_every": (1, run_probe, {"run.stage": "pretrain"}),

@@ -10,14 +10,15 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce_forward, interpreter_enabled, kernel_available
+from kernels.bal_bce import bal_bce_forward, kernel_available
 from kernels.bal_bce_op import bal_bce
 from kernels.launch import launch_candidates
 from kernels.reference import bal_bce_reference, soft_target
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 
-needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
+needs_kernel = pytest.mark.skipif(not kernel_available(torch.device("cpu"))[0],
+                                  reason=f"the kernel cannot run on CPU here: {kernel_available(torch.device('cpu'))[1]}")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -206,7 +207,11 @@ def test_kernel_availability_reasons(monkeypatch):
         bal_bce_forward(torch.zeros(2, 3), label_a=torch.zeros(2, dtype=torch.long), label_b=torch.zeros(2, dtype=torch.long))
     assert kernel_available(torch.device("cuda"))[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert kernel_available(torch.device("cpu"))[0]
+    from kernels.launch import interpreter_problem
+
+    ok, why = kernel_available(torch.device("cpu"))
+    assert ok == (interpreter_problem() == "")  # the interpreter runs it unless its probe fails (triton 3.6, numpy 2.4+)
+    assert ok or ("TRITON_INTERPRET=1 but" in why and interpreter_problem() in why)
 
 
 @pytest.mark.cuda
@@ -229,3 +234,17 @@ def test_cuda_gradient_matches_finite_differences_in_float64():
     logits, bias, la, lb = make(3, 6, torch.float64, seed=5, scale=2.0, device="cuda")
     assert finite_difference_check(lambda x: bal_bce(x, bias, label_a=la, label_b=lb, lam=0.6, smoothing=0.1),
                                    logits) <= 1e-8
+
+
+def test_an_interpreter_that_cannot_run_the_kernel_makes_it_unavailable_with_the_reason(monkeypatch):
+    import kernels.launch as launch
+    from fastlivt.config import LossConfig
+    from fastlivt.losses import build_loss
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(launch, "interpreter_problem", lambda: "triton 3.6's interpreter cannot run the kernel (probe)")
+    ok, why = launch.kernel_available(torch.device("cpu"))
+    assert not ok and "cannot run the kernel (probe)" in why
+    assert launch.kernel_available(torch.device("cuda")) == (True, "logits on CUDA")
+    loss = build_loss(LossConfig(name="bal_bce"), [5, 3, 1])
+    assert loss.backend_for(torch.device("cpu")) == ("torch", why)  # the plain PyTorch loss, with the reason logged

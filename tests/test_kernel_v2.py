@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce_forward, interpreter_enabled
+from kernels.bal_bce import bal_bce_forward, kernel_available
 from kernels.bal_bce_op import bal_bce
 from kernels.launch import LAUNCHES, PASSES, counter_for, default_fast, use_asm, vector_width
 from kernels.reference import bal_bce_reference, soft_target
 
-needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
+needs_kernel = pytest.mark.skipif(not kernel_available(torch.device("cpu"))[0],
+                                  reason=f"the kernel cannot run on CPU here: {kernel_available(torch.device('cpu'))[1]}")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -12,7 +12,7 @@ import gc
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 
@@ -108,11 +108,14 @@ def _measure(ckpt: bool, zero3: bool, quick: bool, device: torch.device) -> Dict
             "reserved_gb": reserved, "repeats": repeats, "loss": loss_name, "phases": phases}
 
 
-def run(quick: bool, device: torch.device) -> List[Row]:
+def run_chunks(quick: bool, device: torch.device) -> Iterator[List[Row]]:
+    """One row per configuration, each written by ``fastlivt bench`` as soon as it is measured (the last part of a
+    short GPU window); a row's baseline is always measured before it."""
     shape = f"B={MICRO} L={(IMG // PATCH) ** 2 + 1} D=1024 depth=24 C={CLASSES}"
     if device.type != "cuda":
-        return [unavailable(PART, _name(c, z), "deepspeed-zero3" if z else "torch", device, "needs CUDA", shape=shape,
-                            dtype="bf16") for z in (True, False) for c in (False, True)]
+        yield [unavailable(PART, _name(c, z), "deepspeed-zero3" if z else "torch", device, "needs CUDA", shape=shape,
+                           dtype="bf16") for z in (True, False) for c in (False, True)]
+        return
     # ZeRO-3 with checkpointing is compared with ZeRO-3 without; the plain-PyTorch rows (same step, torch AdamW, no
     # DeepSpeed) show what ZeRO-3 itself costs in a world of one, and are compared with ZeRO-3 at the same setting.
     try:
@@ -120,19 +123,23 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         missing = None
     except Exception as e:  # e.g. a GPU server without DeepSpeed: the plain-PyTorch rows still run
         missing = f"DeepSpeed does not import ({type(e).__name__}: {e})"
-    rows = [unavailable(PART, _name(c, True), "deepspeed-zero3", device, missing, shape=shape, dtype="bf16")
-            for c in (False, True)] if missing else []
-    results = {(z, c): _measure(c, z, quick, device) for z in ((False,) if missing else (True, False))
-               for c in (False, True)}
-    for (zero3, ckpt), r in results.items():
+    if missing:
+        yield [unavailable(PART, _name(c, True), "deepspeed-zero3", device, missing, shape=shape, dtype="bf16")
+               for c in (False, True)]
+    results: Dict[Tuple[bool, bool], Dict[str, Any]] = {}
+    for zero3, ckpt in [(z, c) for z in ((False,) if missing else (True, False)) for c in (False, True)]:
+        r = results[(zero3, ckpt)] = _measure(ckpt, zero3, quick, device)
         base_key = (True, False) if zero3 and ckpt else ((True, ckpt) if not zero3 else None)
         base = results.get(base_key) if base_key else None
-        rows.append(Row(part=PART, name=_name(ckpt, zero3), backend="deepspeed-zero3" if zero3 else "torch",
-                        device=device_name(device), shape=shape, dtype="bf16", unit="img/s", median=r["ips"],
-                        spread=r["ips_spread"], repeats=r["repeats"],
-                        baseline=_name(base_key[1], base_key[0]) if base else "",
-                        ratio=r["ips"] / base["ips"] if base else None,
-                        extra={"peak_mem_gb": round(r["peak_gb"], 2), "reserved_gb": round(r["reserved_gb"], 2),
-                               "step_ms": round(r["ms"], 1), **r["phases"], "target_peak_gb": TARGET_GB,
-                               "meets_target": r["peak_gb"] < TARGET_GB, "loss": r["loss"]}))
-    return rows
+        yield [Row(part=PART, name=_name(ckpt, zero3), backend="deepspeed-zero3" if zero3 else "torch",
+                   device=device_name(device), shape=shape, dtype="bf16", unit="img/s", median=r["ips"],
+                   spread=r["ips_spread"], repeats=r["repeats"],
+                   baseline=_name(base_key[1], base_key[0]) if base else "",
+                   ratio=r["ips"] / base["ips"] if base else None,
+                   extra={"peak_mem_gb": round(r["peak_gb"], 2), "reserved_gb": round(r["reserved_gb"], 2),
+                          "step_ms": round(r["ms"], 1), **r["phases"], "target_peak_gb": TARGET_GB,
+                          "meets_target": r["peak_gb"] < TARGET_GB, "loss": r["loss"]})]
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    return [r for chunk in run_chunks(quick, device) for r in chunk]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -251,13 +251,18 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
     return rows
 
 
-def run(quick: bool, device: torch.device) -> List[Row]:
-    """All rows of the loss benchmark on ``device`` (see the module docstring)."""
+def run_chunks(quick: bool, device: torch.device) -> Iterator[List[Row]]:
+    """The rows of the loss benchmark on ``device`` (see the module docstring), one group per (dtype, C) case, each
+    written by ``fastlivt bench`` as soon as it is measured (a GPU window that closes mid-part keeps the rest)."""
     compile_state: Dict[str, object] = {}
     if quick and device.type != "cuda":
         compile_state["skip"] = "skipped in --quick on CPU (Inductor's C++ compilation takes tens of seconds per shape)"
-    rows: List[Row] = [sass_row(device)]
+    yield [sass_row(device)]
     for dtype in DTYPES:
         for c in CLASSES:
-            rows += _case(c, dtype, device, quick, compile_state)
-    return rows
+            yield _case(c, dtype, device, quick, compile_state)
+
+
+def run(quick: bool, device: torch.device) -> List[Row]:
+    """All rows of the loss benchmark on ``device``."""
+    return [r for chunk in run_chunks(quick, device) for r in chunk]

@@ -1,7 +1,7 @@
 """FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines.
 
 Image pipeline: :class:`~fastlivt.data.ffcv_ops.SeededRRCDecoder` (train: RandomResizedCrop + flip) or
-``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), :class:`~fastlivt.data.randaugment.FFCVRandAugment`
+``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), :class:`~fastlivt.data.ffcv_ops.FFCVRandAugment`
 (finetune with ``data.auto_augment``), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; normalisation then runs on the
 device. Every random parameter (crop window, flip, RandAugment seed) is computed on the host for the whole pass from
 (run.seed, epoch, global position) by :mod:`fastlivt.data.sample_rng` and handed to the operations per batch
@@ -55,8 +55,7 @@ class FFCVLoader(EpochLoader):
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from fastlivt.data.ffcv_ops import PlanLoader, SeededRRCDecoder
-        from fastlivt.data.randaugment import FFCVRandAugment
+        from fastlivt.data.ffcv_ops import FFCVRandAugment, PlanLoader, SeededRRCDecoder
 
         if not self.manifest.ffcv:
             raise ManifestError(f"{self.manifest.root}: no .beton in the manifest (convert with --formats ffcv)")

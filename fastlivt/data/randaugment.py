@@ -1,6 +1,7 @@
 """Per-sample RandAugment for FFCV pipelines, built from timm's own operators, reproducible per sample.
 
-FFCV has no RandAugment. :class:`FFCVRandAugment` is an FFCV ``Operation`` that hands every uint8 HWC image of the
+FFCV has no RandAugment. :class:`fastlivt.data.ffcv_ops.FFCVRandAugment` (an FFCV ``Operation``, kept with the
+FFCV backend so that this module needs no FFCV) hands every uint8 HWC image of the
 batch to timm's ``RandAugment`` (a fresh random choice of ops and magnitudes *per sample*) through PIL, with exactly
 the parameters timm's ``create_transform(..., auto_augment=config)`` gives it (:func:`timm_rand_augment`): for
 BFT that is ``rand-m9-mstd0.5-inc1`` = 2 ops out of the 'increasing' suite, magnitude 9/10 with std 0.5 noise, each
@@ -22,8 +23,7 @@ from __future__ import annotations
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -97,55 +97,3 @@ def rand_augment_batch(ra: RandAugment, images: np.ndarray, dst: np.ndarray, see
     else:
         list(pool.map(one, range(images.shape[0])))
     return dst
-
-
-def _ffcv_operation_base():
-    from ffcv.pipeline.operation import Operation
-
-    return Operation
-
-
-class FFCVRandAugment(_ffcv_operation_base()):
-    """FFCV operation: per-sample timm RandAugment on a batch of uint8 ``[B,H,W,3]`` arrays (same shape out).
-
-    Place it after the decoder, before ``ToTensor``. Its memory is ``(output images, seeds int64 [B, 1])``; the loader
-    writes each batch's sample seeds into the second buffer before the batch runs (``PARAM_WIDTH`` columns).
-    ``num_threads`` > 1 splits the batch over threads.
-    """
-
-    PARAM_WIDTH = 1
-
-    def __init__(self, config: str, img_size: int, mean: Sequence[float], interpolation: str = "bicubic",
-                 num_threads: int = 1):
-        super().__init__()
-        self.ra = timm_rand_augment(config, img_size, mean, interpolation)
-        self.num_threads = max(1, int(num_threads))
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    def generate_code(self):
-        ra = self.ra
-        if self.num_threads > 1 and self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="randaugment")
-        pool = self._pool
-
-        def rand_augment(images: np.ndarray, memory) -> np.ndarray:
-            dst, params = memory
-            return rand_augment_batch(ra, images, dst[: images.shape[0]], params[: images.shape[0], 0], pool)
-
-        return rand_augment
-
-    def close(self) -> None:
-        """Stop the thread pool (waiting for its threads)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def declare_state_and_memory(self, previous_state) -> Tuple[object, object]:
-        from ffcv.pipeline.allocation_query import AllocationQuery
-
-        if len(previous_state.shape) != 3 or previous_state.shape[-1] != 3 or previous_state.dtype != np.dtype("uint8"):
-            raise ValueError(f"FFCVRandAugment expects uint8 HWC images, got shape {previous_state.shape} "
-                             f"dtype {previous_state.dtype} (place it before ToTensor)")
-        return (replace(previous_state, jit_mode=False),
-                (AllocationQuery(previous_state.shape, previous_state.dtype),
-                 AllocationQuery((self.PARAM_WIDTH,), np.dtype("int64"))))

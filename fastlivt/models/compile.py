@@ -12,7 +12,20 @@ and ``copy.deepcopy`` (EMA) are unchanged; DDP and DeepSpeed ZeRO-1/2 wrap the m
 the compiled demo step ran 0.89-1.02x eager (Inductor's CPU GEMMs are the same extern kernels), so the compile time
 (tens of seconds) would never be won back. ZeRO-3 gathers parameters in module hooks, which cannot sit inside a
 compiled block: ``on`` with ZeRO-3 is a :class:`~fastlivt.config.ConfigError`, ``auto`` stays eager there.
-``run.compile_mode`` is Inductor's mode (``default``, ``reduce-overhead`` for CUDA graphs, ``max-autotune``, ...).
+``run.compile_mode`` is Inductor's mode (``default``, ``max-autotune-no-cudagraphs``, ...). The modes that capture
+CUDA graphs (``reduce-overhead``, ``max-autotune``: Inductor's ``triton.cudagraphs``) are refused until they have been
+measured on a GPU with this loop: it keeps a graph output (the step's loss) past the next replay, which overwrites it,
+and the Bal-BCE kernel allocates its device counter and bias table on first use, inside the captured region.
+
+Stochastic depth: timm's ``DropPath`` keeps its rate as a Python float, which dynamo guards by value, so blocks with
+different rates (BFT's linearly increasing drop path) would each compile again, and past dynamo's recompile limit (8)
+the remaining blocks would run eager. Before compiling, each block's ``DropPath`` is swapped for
+:class:`TensorRateDropPath` (the same computation, the rate in a non-persistent buffer: the blocks share one graph
+again; state dicts are unchanged; its mask comes from the compiled graph's RNG, as every random op's does there).
+
+xformers inside a ``fullgraph=True`` block has never been traced (its dispatcher is Python that dynamo would have to
+follow, and it runs on CUDA only). A block whose attention resolves to xformers is therefore compiled piece by piece
+(its norms, the qkv/proj projections, the MLP), the attention core between them staying eager; this is logged.
 """
 from __future__ import annotations
 
@@ -52,6 +65,13 @@ def compile_modes() -> Tuple[str, ...]:
     return tuple(list_mode_options())
 
 
+def compile_mode_options(mode: str) -> dict:
+    """Inductor's option overrides of ``mode`` (``{}`` for an unknown one)."""
+    from torch._inductor import list_mode_options
+
+    return dict(list_mode_options().get(mode, {}))
+
+
 def resolve_compile(setting: Union[str, bool], mode: str, device: torch.device, zero_stage: int = 0,
                     error: type = CompileConfigError) -> CompileChoice:
     """``run.compile`` (auto | on | off) and ``run.compile_mode`` on ``device`` as a logged :class:`CompileChoice`.
@@ -65,9 +85,11 @@ def resolve_compile(setting: Union[str, bool], mode: str, device: torch.device, 
     modes = compile_modes()
     if mode not in modes:
         raise error(f"run.compile_mode: expected one of {', '.join(modes)}, got {mode!r}")
+    if compile_mode_options(mode).get("triton.cudagraphs"):
+        raise error(f"run.compile_mode={mode} captures CUDA graphs, which are not yet measured on a GPU with this "
+                    f"training loop (a step's loss is kept past the next replay; the kernel allocates inside the "
+                    f"capture); use default or max-autotune-no-cudagraphs")
     inductor_mode = None if mode == "default" else mode
-    if mode.startswith("reduce-overhead") and device.type != "cuda" and setting != "off":
-        log.info("run.compile_mode=%s: CUDA graphs need CUDA; on %s it compiles as 'default'", mode, device.type)
     if zero_stage == 3 and setting != "off":
         why = ("ZeRO-3 gathers and releases parameters in module hooks around each block, which a fullgraph-compiled "
                "block cannot contain")
@@ -112,11 +134,81 @@ def compile_model(model: nn.Module, choice: CompileChoice) -> List[str]:
     paths = region_paths(model)
     if not any(p.startswith("blocks.") for p in paths):
         raise TypeError(f"run.compile: {type(model).__name__} has no `blocks` to compile")
+    compiled, eager_attention = [], []
     for path in paths:
-        model.get_submodule(path).compile(fullgraph=True, **_options(choice))
-    choice.regions += paths
-    log.info("torch.compile: %d regions of %s (%s ... %s)", len(paths), type(model).__name__, paths[0], paths[-1])
-    return paths
+        module = model.get_submodule(path)
+        _rate_as_buffer(module)
+        if _attention_is_xformers(module):
+            eager_attention.append(path)
+            pieces = [f"{path}.{name}" for name in BLOCK_PIECES if _compilable(module, name)]
+        else:
+            pieces = [path]
+        for piece in pieces:
+            model.get_submodule(piece).compile(fullgraph=True, **_options(choice))
+        compiled += pieces
+    choice.regions += compiled
+    if eager_attention:
+        log.info("torch.compile: the attention of %d blocks (%s ...) runs eager between compiled pieces: xformers' "
+                 "memory_efficient_attention inside a fullgraph-compiled block has not been traced on a GPU",
+                 len(eager_attention), eager_attention[0])
+    log.info("torch.compile: %d regions of %s (%s ... %s)", len(compiled), type(model).__name__, compiled[0],
+             compiled[-1])
+    return compiled
+
+
+class TensorRateDropPath(nn.Module):
+    """timm's ``DropPath`` (per-sample stochastic depth, scaled by 1/keep) with its rate in a buffer, not a float."""
+
+    def __init__(self, drop_prob: float, scale_by_keep: bool = True):
+        super().__init__()
+        self.register_buffer("drop_prob", torch.tensor(float(drop_prob)), persistent=False)
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = 1.0 - self.drop_prob.to(x.dtype)
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if self.scale_by_keep:
+            mask = mask / keep.clamp(min=torch.finfo(x.dtype).tiny)  # keep = 0 drops the path (mask 0), as timm
+        return x * mask
+
+
+def _rate_as_buffer(block: nn.Module) -> None:
+    from timm.layers import DropPath
+
+    for name, child in list(block.named_children()):
+        if isinstance(child, DropPath) and child.drop_prob > 0.0:
+            new = TensorRateDropPath(child.drop_prob, child.scale_by_keep).to(next(block.parameters()).device)
+            new.train(child.training)
+            setattr(block, name, new)
+
+
+# The layers of a timm ViT block around its attention core (absent or Identity ones are skipped).
+BLOCK_PIECES = ("norm1", "attn.qkv", "attn.q_norm", "attn.k_norm", "attn.norm", "attn.proj", "ls1", "norm2", "mlp",
+                "ls2")
+
+
+def _compilable(block: nn.Module, name: str) -> bool:
+    try:
+        piece = block.get_submodule(name)
+    except AttributeError:
+        return False
+    return not isinstance(piece, nn.Identity) and any(True for _ in piece.parameters())
+
+
+def _attention_is_xformers(module: nn.Module) -> bool:
+    """Whether ``module`` is a block whose attention resolves to xformers on its parameters' device."""
+    from fastlivt.models.attention import Attention, AttentionBackendError, resolve_backend
+
+    attn = getattr(module, "attn", None)
+    if not isinstance(attn, Attention):
+        return False
+    device = next(module.parameters()).device
+    try:
+        return resolve_backend(attn.backend, device) == "xformers"
+    except AttentionBackendError:  # raised again, with its reason, when the block first runs
+        return False
 
 
 def compile_criterion(criterion: Any, choice: Optional[CompileChoice]) -> Any:
@@ -143,5 +235,5 @@ def is_compiled(module: nn.Module) -> bool:
     return getattr(module, "_compiled_call_impl", None) is not None
 
 
-__all__ = ["COMPILE_CHOICES", "CompileChoice", "CompileConfigError", "compile_criterion", "compile_model",
-           "graph_breaks", "is_compiled", "region_paths", "resolve_compile"]
+__all__ = ["COMPILE_CHOICES", "CompileChoice", "CompileConfigError", "compile_criterion", "compile_mode_options",
+           "compile_model", "graph_breaks", "TensorRateDropPath", "is_compiled", "region_paths", "resolve_compile"]
