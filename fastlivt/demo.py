@@ -11,7 +11,7 @@
 the seeds, per seed, and which of the paper's claims hold on every seed. Extra ``key=value`` arguments override the
 BFT config of every loss (``fastlivt demo --proxy --seeds 0,1,2 data.mixup=0.8 data.cutmix=1.0``).
 
-``--quick`` shortens every stage (a smoke run, < 3 min); the full run is sized for 20 minutes on 2 cores in fp32
+``--quick`` shortens every stage (a smoke run of a few minutes); the full run is sized for 20 minutes on 2 cores in fp32
 (bf16 autocast on CPUs with AVX512-BF16/AMX, ``--cpu-bf16``, is faster). ``--proxy`` runs the same pipeline on a split of the
 *training* images only (an LT subset of all but 500 per class, evaluated on those 500 per class): the schedule
 was chosen there, never on the test set.
@@ -34,8 +34,8 @@ log = get_logger(__name__)
 LOSSES = ("ce", "bce", "bal_ce", "bal_bce")
 FMNIST = "/usr/share/datasets/fashion-mnist"
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "fmnist_lt"
-# The demo's schedule (config overrides per stage): MGP 5 epochs, BFT 6 per loss, sized for 20 min on 2 AVX2 CPU cores in
-# fp32 (measured end to end: 7.7-10.0 min; ~19.5 min by the slowest rates seen on the same machine); --quick: a smoke run.
+# The demo's schedule (config overrides per stage): MGP 5 epochs, BFT 6 per loss, sized to fit 20 min on 2 AVX2 CPU
+# cores in fp32 at the slowest rates seen on such machines (README, "The demo", has the times); --quick: a smoke run.
 FULL = {"mgp": ["run.epochs=5", "optim.warmup_epochs=1"], "bft": ["run.epochs=6", "optim.warmup_epochs=1"]}
 QUICK = {"mgp": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"],
          "bft": ["run.epochs=1", "optim.warmup_epochs=0.2", "run.max_steps=8"]}
@@ -159,7 +159,7 @@ def write_results(out: Path, header: str, per_seed: Dict[int, Results], counts: 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="fastlivt demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a smoke run of every stage (< 3 min on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of every stage (a few steps each)")
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo; quick: runs/demo-quick)")
     p.add_argument("--data", default="data/fmnist_lt", help="where the converted splits go (reused when they verify)")
     p.add_argument("--seed", type=int, default=0, help="the training seed of a one-seed run")

@@ -6,9 +6,9 @@
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` (CPU and CUDA);
 - ``math``: the explicit softmax(QKᵀ/√d)·V, the reference the others are tested against;
 - ``auto``: xformers on CUDA when it imports and runs, SDPA otherwise; the choice and its reason are logged once.
-  Under CPU autocast (bf16/fp16 inputs on CPU) ``auto`` takes ``math``: PyTorch's CPU SDPA is slow in reduced
-  precision (backward ~3.5× its fp32 time at the demo's shapes), while the written-out form runs as bf16 matmuls
-  (1.29× the demo's whole BFT step over SDPA in fp32). An explicit ``sdpa`` there runs SDPA in fp32.
+  Under CPU autocast (bf16/fp16 inputs on CPU) ``auto`` takes ``math``: PyTorch's CPU SDPA backward is slower in
+  reduced precision than in fp32 at small head sizes, while the written-out form runs as bf16 matmuls (the README
+  gives the demo's figures). An explicit ``sdpa`` there runs SDPA in fp32.
 
 :class:`Attention` is timm's ``Attention`` (same ``qkv``/``proj`` parameters, names and shapes, so timm checkpoints and
 our exports load unchanged) whose core calls :func:`attend`; pass ``attn_layer=attention_layer(backend)`` to timm's
@@ -164,8 +164,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "au
     if layout == "blhd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     if chosen == "sdpa" and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # CPU autocast: SDPA's reduced-precision CPU backward is ~3.5x slower than fp32's on small heads; run it in
-        # fp32 (outside autocast, which would cast the inputs back down)
+        # CPU autocast: SDPA's reduced-precision CPU backward is slower than fp32's on small heads; run it in fp32
+        # (outside autocast, which would cast the inputs back down)
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), dropout_p=dropout_p, scale=scale)
         out = out.to(q.dtype)

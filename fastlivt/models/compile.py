@@ -8,9 +8,9 @@ stays eager between the regions is glue: MAE's random masking (argsort/gather), 
 Each region is compiled in place with :meth:`torch.nn.Module.compile`, so parameter names, state dicts, checkpoints
 and ``copy.deepcopy`` (EMA) are unchanged; DDP and DeepSpeed ZeRO-1/2 wrap the model as usual.
 
-``run.compile``: ``on`` | ``off`` | ``auto``. ``auto`` compiles on CUDA; on CPU it stays eager: measured on 2 cores,
-the compiled demo step ran 0.89-1.02x eager (Inductor's CPU GEMMs are the same extern kernels), so the compile time
-(tens of seconds) would never be won back. ZeRO-3 gathers parameters in module hooks, which cannot sit inside a
+``run.compile``: ``on`` | ``off`` | ``auto``. ``auto`` compiles on CUDA; on CPU it stays eager: Inductor's CPU GEMMs
+are the same extern kernels eager calls, so a compiled step runs at eager's pace (README, "the compiled step") and the
+compile time (tens of seconds) would never be won back. ZeRO-3 gathers parameters in module hooks, which cannot sit inside a
 compiled block: ``on`` with ZeRO-3 is a :class:`~fastlivt.config.ConfigError`, ``auto`` stays eager there.
 ``run.compile_mode`` is Inductor's mode (``default``, ``max-autotune-no-cudagraphs``, ...). The modes that capture
 CUDA graphs (``reduce-overhead``, ``max-autotune``: Inductor's ``triton.cudagraphs``) are refused until they have been
@@ -40,8 +40,8 @@ from fastlivt.logs import get_logger
 log = get_logger(__name__)
 COMPILE_CHOICES = ("auto", "on", "off")
 BACKEND = "inductor"  # torch.compile backend of every region (tests that count graph breaks may use "aot_eager")
-CPU_REASON = ("auto -> off on CPU: compiled ran 0.89-1.02x eager for the demo ViT on this kind of machine (the GEMMs "
-              "are the same extern kernels), not worth the compile time; run.compile=on forces it")
+CPU_REASON = ("auto -> off on CPU: the compiled step's GEMMs are the same extern kernels as eager's, so it runs at "
+              "eager's pace and the compile time is not won back; run.compile=on forces it")
 
 
 class CompileConfigError(ValueError):

@@ -12,10 +12,9 @@ Memory (an estimate, bf16 autocast, flash/memory-efficient attention, no activat
 keeps per token and block, in bytes — the fp32 LayerNorm inputs (2 × 4·D), the bf16 inputs of qkv, proj, fc1 and fc2
 (2·D + 2·D + 2·D + 8·D), q/k/v and the attention output (6·D + 2·D), the GELU input (8·D): 38·D bytes — plus per
 parameter 4 (fp32 weight) + 4 (grad) + 8 (AdamW moments) + 2 (autocast's bf16 weight copy) bytes.
-``scripts/gpu_check.sh`` measures the real peak (``torch.cuda.max_memory_allocated``) of the same steps. Against
-H100 measurements (README): MGP ViT-B/16 at micro 256, estimate 14.9 GB, measured 15.1 GB; ViT-L/16 at 384 px without
-checkpointing at micro 32, estimate 23 GB, measured 34.6 GB — the estimate leaves out the backward's transient
-buffers, which grow with tokens per image; size long-sequence configs from measurements.
+``scripts/gpu_check.sh`` measures the real peak (``torch.cuda.max_memory_allocated``) of the same steps; the README
+compares the two. The estimate leaves out the backward's transient buffers, which grow with tokens per image: it is
+close for short sequences and low for long ones, so size long-sequence configs from measurements.
 """
 from __future__ import annotations
 
