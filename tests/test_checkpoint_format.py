@@ -49,3 +49,11 @@ def test_resume_from_a_first_format_checkpoint_equals_the_uninterrupted_run(tmp_
     assert task_b.best_top1 == pytest.approx(task_a.best_top1)
     assert b.summary["last_eval"] == pytest.approx(a.summary["last_eval"])
     assert a.runtime.lrs() == b.runtime.lrs()
+
+    # and what the engine writes now is the same format: the same files' entries, meta entries and sampler fields
+    old, new = safe_load(FIXTURE / "last.pt"), safe_load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert new.keys() == old.keys() and new["runtime"].keys() == old["runtime"].keys()
+    assert new["meta"].keys() == old["meta"].keys()
+    for entry in ("sampler", "rng", "schedule", "extra"):
+        assert new["meta"][entry].keys() == old["meta"][entry].keys(), entry
+    assert (new["meta"]["epoch"], new["meta"]["step"], new["meta"]["sampler"]["samples_consumed"]) == (2, 6, 0)

@@ -1,5 +1,5 @@
 """What the training loop hands to a stage: the :class:`Task` protocol (what MGP and BFT add to the loop) and the
-:class:`Run` (the state of one training run, complete when built by :func:`fastlivt.engine.loop.build_run`)."""
+:class:`Run` (the state of one training run, complete when built by :func:`fastlivt.engine.build.build_run`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
