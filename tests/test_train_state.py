@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import shutil
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -125,3 +126,37 @@ def test_the_config_enters_no_engine_module_more_than_twice(tmp_path):
     assert run.step == 6
     assert path[:3] == ["loop", "resume", "elastic"] and "torch_runtime" in path  # the tracer sees the calls
     assert max(entries(path).values()) <= 2, " -> ".join(path)
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason=f"Fashion-MNIST not installed at {FMNIST}")
+def test_a_kill_between_the_last_steps_checkpoint_and_the_epoch_end_resumes_exactly(tmp_path):
+    # 'last' then holds epoch 0 with its whole plan consumed: the resumed pass reads nothing, ends the epoch, goes on
+    from engine_doubles import SimulatedCrash
+    from fastlivt.engine.checkpoint import safe_load
+    from fastlivt.engine.checkpointer import Checkpointer
+    from fastlivt.engine.finetune import BFTTask
+    from fastlivt.engine.loop import train
+
+    shutil.copytree(FIXTURE, tmp_path / "data")
+
+    def cfg(out):
+        c = fixture_cfg(out, max_steps=0)
+        c.run.ckpt_every_steps = 1
+        return c
+    a = train(cfg(tmp_path / "a"), BFTTask(), make_loader=fixture_loaders(tmp_path / "data", tmp_path / "va"))
+    original = Checkpointer.save
+
+    def save(self, tag):
+        if tag == "last" and (self.state.epoch, self.state.consumed) == (1, 0):
+            raise SimulatedCrash("killed before the epoch-end checkpoint")
+        original(self, tag)
+    with mock.patch.object(Checkpointer, "save", save), pytest.raises(SimulatedCrash):
+        train(cfg(tmp_path / "b"), BFTTask(), make_loader=fixture_loaders(tmp_path / "data", tmp_path / "vb"))
+    meta = safe_load(tmp_path / "b" / "checkpoints" / "last.pt")["meta"]
+    assert (meta["epoch"], meta["step"], meta["sampler"]["samples_consumed"], meta["sampler"]["epoch_samples"]) == \
+        (0, 3, 48, 48)
+    b = train(cfg(tmp_path / "b"), BFTTask(), resume=True,
+              make_loader=fixture_loaders(tmp_path / "data", tmp_path / "vb2"))
+    assert a.step == b.step == 6
+    sa, sb = a.runtime.unwrap().state_dict(), b.runtime.unwrap().state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

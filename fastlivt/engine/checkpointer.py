@@ -67,11 +67,11 @@ class Checkpointer:
 
     def meta(self) -> Dict[str, Any]:
         """The parts' states in the checkpoint format's meta dict."""
-        train = self.state.state_dict()
+        train, extra = self.state.state_dict(), dict(self.task.state_dict())
         return {"epoch": train["epoch"], "batch_in_epoch": train["samples_consumed"] // self.geometry.per_micro,
-                "step": train["step"], "sampler": self.position.state_dict(), "rng": self.streams.state_dict(),
-                "schedule": dict(self.schedule.state_dict()), "config": self.config,
-                "manifest_sha256": self.manifest_sha256, "extra": dict(self.task.state_dict())}
+                "step": train["step"], "sampler": self.position.state_dict(), "schedule": dict(self.schedule.state_dict()),
+                "config": self.config, "manifest_sha256": self.manifest_sha256, "extra": extra,
+                "rng": self.streams.state_dict()}  # captured last: nothing after it may draw before the save
 
     def save(self, tag: str) -> None:
         """Checkpoint ``tag`` of the run as it stands (every rank calls it): weights + optimizer by the runtime, the
