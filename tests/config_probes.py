@@ -151,7 +151,7 @@ def loader_probe(cfg: TrainConfig, manifest: Any) -> Any:
 def runtime_probe(cfg: TrainConfig, manifest: Any) -> Any:
     """Which runtime the loop builds (DeepSpeed's constructor is replaced: its JSON is DeepSpeed's own config)."""
     from fastlivt.engine import ds_runtime
-    from fastlivt.engine.loop import build_runtime
+    from fastlivt.engine.build import build_runtime
 
     with mock.patch.object(ds_runtime.DeepSpeedRuntime, "__init__", lambda self, cfg: None):
         return type(build_runtime(cfg)).__name__
@@ -163,7 +163,8 @@ def run_probe(cfg: TrainConfig, manifest: Any) -> Any:
     optimizer's hyper-parameters, the checkpoints it took and the weights it ended with."""
     from fastlivt.data.augment import BatchAugment
     from fastlivt.engine.finetune import BFTTask
-    from fastlivt.engine.loop import Run, train
+    from fastlivt.engine.checkpointer import Checkpointer
+    from fastlivt.engine.loop import train
     from fastlivt.engine.pretrain import MGPTask
 
     g = torch.Generator().manual_seed(1)
@@ -179,15 +180,15 @@ def run_probe(cfg: TrainConfig, manifest: Any) -> Any:
         return MemoryLoader(images, labels, c.data.batch_size, manifest, seed=c.run.seed, batch_augment=aug)
 
     saves: List[Any] = []
-    original = Run.save
+    original = Checkpointer.save
 
-    def save(self, tag, epoch, consumed, task, *rest):
-        saves.append((tag, epoch, consumed, self.step))
-        original(self, tag, epoch, consumed, task, *rest)
+    def save(self, tag):
+        saves.append((tag, self.state.epoch, self.state.consumed, self.state.step))
+        original(self, tag)
 
     out = Path(cfg.run.out)
     shutil.rmtree(out, ignore_errors=True)
-    with mock.patch.object(Run, "save", save):
+    with mock.patch.object(Checkpointer, "save", save):
         run = train(cfg, MGPTask() if cfg.run.stage == "pretrain" else BFTTask(), make_loader=make)
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     rows = {f: len((out / f).read_text().splitlines()) for f in files if f.endswith(".csv")}

@@ -134,6 +134,7 @@ def run_phase(phase: str, tag: str, cases: list, root: Path) -> None:
     from safetensors.torch import save_file
 
     from fastlivt.engine import ds_checkpoint, loop
+    from fastlivt.engine.checkpointer import Checkpointer
     from fastlivt.engine.finetune import BFTTask
     from fastlivt.engine.pretrain import MGPTask
     from fastlivt.engine.torch_runtime import TorchRuntime
@@ -148,21 +149,21 @@ def run_phase(phase: str, tag: str, cases: list, root: Path) -> None:
         made: list = []
         captured: dict = {}
         if phase == "crash":
-            original = loop.Run.save
+            original = Checkpointer.save
 
             def save(self, *a, _orig=original, **kw):
                 _orig(self, *a, **kw)
                 captured["ref"] = self.runtime.full_state_dict()
                 if isinstance(self.runtime, TorchRuntime):  # (DeepSpeed's gathered moments: see universal_moments)
                     captured["ref"].update(moments(self.runtime))
-            loop.Run.save = save
+            Checkpointer.save = save
             try:
                 loop.train(case_cfg(out, case, world), task, make_loader=loader_factory(made, CRASH_AFTER))
                 raise AssertionError("the simulated kill did not happen")
             except SimulatedCrash:
                 pass
             finally:
-                loop.Run.save = original
+                Checkpointer.save = original
             report = {"reads": gather(made[0].read), "world": world, "info": info(out) if rank == 0 else None}
             if rank == 0:
                 save_file({k: v.contiguous() for k, v in captured["ref"].items()}, str(out / "ref.safetensors"))

@@ -145,7 +145,7 @@ def test_graph_holds_function_level_and_package_imports_of_the_tree():
     graph = import_graph()
     assert {"fastlivt", "data_prep", "kernels", "fastlivt.data.registry", "kernels.launch"} <= set(graph)
     assert "fastlivt.bench.compiled" in graph["fastlivt.bench.model"]  # imported inside run()
-    assert "fastlivt.data" in graph["fastlivt.engine.loop"]  # `from fastlivt.data import build_loader`, in a function
+    assert "fastlivt.data" in graph["fastlivt.engine.build"]  # `from fastlivt.data import build_loader`, in a function
     assert "fastlivt.data.device_decode" in graph["fastlivt.data.torch_loader"]  # `from fastlivt.data import device_decode`
 
 

@@ -1,7 +1,8 @@
 """What a checkpoint remembers besides the weights, and the safetensors exports.
 
 A training checkpoint is written by the runtime (``Runtime.save``: model + optimizer, atomically) with a ``meta``
-dict built here, holding everything else an exact resume needs:
+dict beside them, built from the run's parts by :class:`fastlivt.engine.checkpointer.Checkpointer`, holding everything
+else an exact resume needs (this layout is the on-disk format; checkpoints written before the parts keep loading):
 
     epoch            the epoch the run was in (or the next one, at an epoch end)
     batch_in_epoch   micro-batches of that epoch already consumed per rank (at the checkpoint's world size)
@@ -31,7 +32,7 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -122,22 +123,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# --------------------------------------------------------------------------------------------------- meta
-def build_meta(*, epoch: int, batch_in_epoch: int, step: int, sampler: Dict[str, Any], schedule: Dict[str, Any],
-               config: Dict[str, Any], manifest_sha256: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    return {
-        "epoch": int(epoch),
-        "batch_in_epoch": int(batch_in_epoch),
-        "step": int(step),
-        "sampler": dict(sampler),
-        "rng": capture_rng(),
-        "schedule": dict(schedule),
-        "config": config,
-        "manifest_sha256": manifest_sha256,
-        "extra": dict(extra or {}),
-    }
-
-
+# --------------------------------------------------------------------------------------------------- files
 def has_checkpoint(directory: str | Path, tag: str) -> bool:
     """Whether ``tag`` exists in either runtime's layout (``<tag>.pt`` file or DeepSpeed ``<tag>/`` directory)."""
     d = Path(directory)

@@ -70,7 +70,8 @@ class ElasticResume:
 
 
 def plan_resume(meta: Dict[str, Any], cfg: TrainConfig, world: int) -> ElasticResume:
-    """The accumulation for a resume of ``meta`` on ``world`` processes; sets ``cfg.optim.accum_iter`` and logs."""
+    """The accumulation for a resume of ``meta`` on ``world`` processes (logged when the world size changed); ``cfg``
+    is only read: the resumed config is built from the plan (:func:`fastlivt.engine.resume.read_resume`)."""
     sampler = meta.get("sampler", {})
     old_world = int(sampler.get("world", world))
     old_accum = int(sampler.get("accum", cfg.optim.accum_iter))
@@ -83,7 +84,6 @@ def plan_resume(meta: Dict[str, Any], cfg: TrainConfig, world: int) -> ElasticRe
         total = old_accum * old_world
         accum = total // world if total % world == 0 else cfg.optim.accum_iter
     plan = ElasticResume(old_world, old_accum, world, accum, old_batch)
-    cfg.optim.accum_iter = accum
     if plan.changed:
         log.warning("%s", plan.describe())
     return plan

@@ -184,7 +184,7 @@ class BFTTask:
         run.logger.eval(run.step, epoch, metrics)
         run.summary["last_eval"] = metrics
         if improved:
-            run.save("best", epoch + 1, 0, self)
+            run.checkpointer.save("best")  # the train state stands at the next epoch's start
             self.export(run, BEST_EXPORT, run.runtime.full_state_dict())
 
     def export(self, run: Run, name: str, state: Dict[str, torch.Tensor]) -> None:

@@ -1,96 +1,56 @@
-"""Resuming a run from checkpoint ``last``: where to continue (:class:`Position`), restoring the weights, the
-optimizer, the task's state and the random streams — at the point of the timeline where they were captured
-(:func:`restoring_rng`) on the same world size, re-seeded on another (:mod:`fastlivt.engine.elastic`)."""
+"""Planning a resume from checkpoint ``last``, without touching the config it is given: :func:`read_resume` returns
+the config the resumed run goes on with (the accumulation adapted to the world size,
+:mod:`fastlivt.engine.elastic`) and a :class:`Resume`, whose :meth:`Resume.state` is the
+:class:`~fastlivt.engine.train_state.TrainState` to continue from once the run's geometry is known. The parts are
+restored by :meth:`fastlivt.engine.checkpointer.Checkpointer.load`."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Tuple
 
 from fastlivt.config import TrainConfig
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine import elastic
-from fastlivt.engine.run import Run, Task
+from fastlivt.engine.train_state import Geometry, TrainState
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
 
 
-@dataclass
-class Position:
-    """Where the loop (re)starts: ``epoch``, optimizer ``step``, positions of the epoch's global order ``consumed``
-    and where that plan ``end``s (0: a fresh epoch), ``reshard`` (the world size changed) and the checkpoint's
-    RNG states ``rng`` (restored at the point where they were captured, see :func:`restoring_rng`)."""
+@dataclass(frozen=True)
+class Resume:
+    """Checkpoint ``last``'s meta (rank 0's) and how it maps onto this world size."""
 
-    epoch: int = 0
-    step: int = 0
-    consumed: int = 0
-    end: int = 0
-    reshard: Optional[elastic.ElasticResume] = None
-    rng: Optional[Dict[str, Any]] = None
+    meta: Dict[str, Any]
+    reshard: elastic.ElasticResume
+
+    def state(self, geometry: Geometry, steps_per_epoch: int) -> TrainState:
+        """Where the resumed run continues: the same step on the same world size; on another one the step that lies
+        at the same fraction of the epoch under the new steps per epoch. Positions are global, so the rest of the
+        epoch's plan is read exactly once on any world size."""
+        saved, reshard = self.meta, self.reshard
+        sampler = saved["sampler"]
+        old_per_micro = reshard.batch_size * reshard.old_world
+        consumed = int(sampler.get("samples_consumed", saved["batch_in_epoch"] * old_per_micro))
+        end = int(sampler.get("epoch_samples", geometry.micro_per_epoch * old_per_micro)) if consumed else 0
+        step = saved["step"]
+        if reshard.changed and saved["schedule"]["steps_per_epoch"] != steps_per_epoch:
+            step = elastic.rescaled_step(saved["epoch"], consumed, steps_per_epoch, geometry.per_step)
+            log.warning("steps per epoch %d -> %d: optimizer step %d continues as step %d of the new schedule",
+                        saved["schedule"]["steps_per_epoch"], steps_per_epoch, saved["step"], step)
+        return TrainState(epoch=int(saved["epoch"]), step=int(step), consumed=consumed, end=end)
 
 
-def read_last_checkpoint(cfg: TrainConfig) -> Dict[str, Any]:
-    """The meta of checkpoint ``last``, and the resume plan for this world size (sets ``optim.accum_iter``)."""
+def read_resume(cfg: TrainConfig) -> Tuple[TrainConfig, Resume]:
+    """The config a resume of ``<run.out>/checkpoints/last`` goes on with on the launched world size (a new object:
+    ``cfg`` is left as it is) and the :class:`Resume` plan. Read before the runtime is built: the accumulation the
+    runtime is built with follows the checkpoint's world."""
     ckpt_dir = Path(cfg.run.out) / ckpt.CKPT_DIR
     if not ckpt.has_checkpoint(ckpt_dir, "last"):
         raise FileNotFoundError(f"--resume: no checkpoint 'last' in {ckpt_dir}")
-    saved = ckpt.peek_meta(ckpt_dir, "last")
-    return {**saved, "reshard": elastic.plan_resume(saved, cfg, elastic.launched_world())}
-
-
-def resume_position(saved: Dict[str, Any], cfg: TrainConfig, steps_per_epoch: int, accum: int,
-                    per_micro: int) -> Position:
-    """Where a resume of ``saved`` continues: the same step on the same world size; on another one the step that
-    lies at the same fraction of the epoch under the new steps per epoch."""
-    reshard = saved["reshard"]
-    sampler = saved["sampler"]
-    old_per_micro = cfg.data.batch_size * reshard.old_world
-    consumed = int(sampler.get("samples_consumed", saved["batch_in_epoch"] * old_per_micro))
-    end = int(sampler.get("epoch_samples", steps_per_epoch * accum * old_per_micro)) if consumed else 0
-    step = saved["step"]
-    if reshard.changed and saved["schedule"]["steps_per_epoch"] != steps_per_epoch:
-        step = elastic.rescaled_step(saved["epoch"], consumed, steps_per_epoch, per_micro * accum)
-        log.warning("steps per epoch %d -> %d: optimizer step %d continues as step %d of the new schedule",
-                    saved["schedule"]["steps_per_epoch"], steps_per_epoch, saved["step"], step)
-    return Position(saved["epoch"], step, consumed, end, reshard)
-
-
-def restore(run: Run, task: Task, start: Position) -> None:
-    """Weights, optimizer and task state from checkpoint ``last``; the schedule checked against the saved one; the
-    random streams restored at their capture point (same world) or re-seeded (another world size)."""
-    if run.runtime.world != start.reshard.world:
-        raise RuntimeError(f"WORLD_SIZE said {start.reshard.world} processes, the runtime has {run.runtime.world}")
-    meta = run.runtime.load(str(run.ckpt_dir), "last")
-    ckpt.check_meta(meta, str(run.ckpt_dir / "last"), run.manifest_sha256)
-    task.load_state_dict(meta["extra"])
-    saved_schedule = dict(meta["schedule"])
-    if start.reshard.changed:
-        if not start.reshard.kept:
-            saved_schedule["peak_lr"] = run.schedule.peak_lr
-        saved_schedule["steps_per_epoch"] = run.schedule.steps_per_epoch
-        run.schedule.check_resumable(saved_schedule)
-        ckpt.seed_everything(elastic.reseed_for(run.cfg.run.seed, run.step, run.runtime.rank))
-        log.info("random streams re-seeded from (seed, step %d, rank %d): no bit-exact continuation across world "
-                 "sizes", run.step, run.runtime.rank)
-    else:
-        run.schedule.check_resumable(saved_schedule)
-        start.rng = meta["rng"]
-    log.info("resumed from %s: epoch %d, sample %d of %d, step %d", run.ckpt_dir / "last", start.epoch,
-             start.consumed, start.end, run.step)
-
-
-def restoring_rng(batches: Iterable, rng: Optional[Dict[str, Any]], mid_epoch: bool) -> Iterator:
-    """``batches``, with the checkpoint's RNG states ``rng`` restored where they were captured: before the epoch's
-    iterator is created for an epoch-boundary checkpoint, after it has produced its first batch for a mid-epoch one
-    (creating an iterator, e.g. a DataLoader's, may draw random numbers), or when it ends if nothing was left."""
-    if rng is not None and not mid_epoch:
-        ckpt.restore_rng(rng)
-        rng = None
-    for batch in batches:
-        if rng is not None:
-            ckpt.restore_rng(rng)
-            rng = None
-        yield batch
-    if rng is not None:
-        ckpt.restore_rng(rng)
+    meta = ckpt.peek_meta(ckpt_dir, "last")
+    reshard = elastic.plan_resume(meta, cfg, elastic.launched_world())
+    resumed = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, accum_iter=reshard.accum))
+    return resumed, Resume(meta, reshard)

@@ -1,19 +1,20 @@
 """What the training loop hands to a stage: the :class:`Task` protocol (what MGP and BFT add to the loop) and the
-:class:`Run` (the state of one training run, complete when built by :func:`fastlivt.engine.loop.build_run`)."""
+:class:`Run` (the state of one training run, complete when built by :func:`fastlivt.engine.build.build_run`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, Protocol
 
 import torch
 from torch import nn
 
-from fastlivt.config import TrainConfig, to_dict
+from fastlivt.config import TrainConfig
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine.logger import TrainLogger
 from fastlivt.engine.runtime import Runtime
 from fastlivt.engine.schedule import WarmupCosine
+from fastlivt.engine.train_state import Geometry, TrainState
 
 LoaderFactory = Callable[[TrainConfig, str, str, Runtime], Any]
 
@@ -35,7 +36,7 @@ class Task(Protocol):
 
     def end_of_epoch(self, run: "Run", epoch: int) -> None: ...  # evaluation, best checkpoint, reconstructions
 
-    def state_dict(self) -> Dict[str, Any]: ...  # goes into checkpoint meta["extra"]
+    def state_dict(self) -> Dict[str, Any]: ...  # a checkpoint part (meta["extra"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
@@ -46,8 +47,9 @@ class Task(Protocol):
 class Run:
     """The state of one training run that the task hooks may read: config, runtime, the model as returned by
     ``runtime.prepare`` (maybe wrapped), the training loader, the schedule, the logger, the output directory, the
-    loader factory (for evaluation loaders), the progress (optimizer ``step``, ``epoch``) and a ``summary`` of
-    results (exports, last evaluation)."""
+    loader factory (for evaluation loaders), the :class:`TrainState` (``step`` reads its optimizer step), how an epoch
+    is cut (``geometry``), the ``checkpointer`` (``run.checkpointer.save(tag)``), the ``epoch`` being trained and a
+    ``summary`` of results (exports, last evaluation)."""
 
     cfg: TrainConfig
     runtime: Runtime
@@ -56,17 +58,19 @@ class Run:
     schedule: WarmupCosine
     logger: TrainLogger
     out: Path
-    manifest_sha256: str
     make_loader: LoaderFactory
-    micro_per_epoch: int  # micro-batches per epoch on this rank (whole accumulation cycles)
-    per_micro: int  # positions of the epoch's global order one micro-batch takes (batch x world)
-    step: int = 0
+    state: TrainState
+    geometry: Geometry
+    checkpointer: Any = None  # fastlivt.engine.checkpointer.Checkpointer, built with the run
     epoch: int = 0
     summary: Dict[str, Any] = field(default_factory=dict)
     scalar_sums: Dict[str, torch.Tensor] = field(default_factory=dict)  # finite values, on the device, until logged
     scalar_counts: Dict[str, torch.Tensor] = field(default_factory=dict)  # how many finite values each sum holds
     lock: Any = None  # the run directory's RunLock (rank 0), released when the run ends
-    last_good: Optional[Tuple[str, int]] = None  # (checkpoint, step) of the last checkpoint this run can resume from
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     @property
     def ckpt_dir(self) -> Path:
@@ -78,25 +82,9 @@ class Run:
         monitor = self.runtime.nonfinite
         if monitor is None:
             return
-        good = (f"{self.last_good[0]} (step {self.last_good[1]}); --resume continues from it" if self.last_good
+        last_good = self.checkpointer.last_good if self.checkpointer is not None else None
+        good = (f"{last_good[0]} (step {last_good[1]}); --resume continues from it" if last_good
                 else "none (no checkpoint was written before it)")
         skipped = monitor.check(self.runtime.world, good)
         if skipped:
             self.summary["nonfinite_skipped_steps"] = skipped
-
-    def save(self, tag: str, epoch: int, consumed: int, task: Task, epoch_samples: int = 0) -> None:
-        """Checkpoint ``tag`` (every rank calls it): weights + optimizer by the runtime, the rest in ``meta``.
-        ``consumed``: positions of ``epoch``'s global order read so far; ``epoch_samples``: where its plan ends.
-        Never after a non-finite loss or gradient under ``run.nonfinite=stop`` (:meth:`check_finite` first)."""
-        self.check_finite()
-        world, batch = self.runtime.world, self.cfg.data.batch_size
-        meta = ckpt.build_meta(
-            epoch=epoch, batch_in_epoch=consumed // (batch * world), step=self.step,
-            sampler={"kind": self.cfg.data.sampler, "seed": self.cfg.run.seed, "epoch": epoch,
-                     "samples_consumed": consumed, "epoch_samples": epoch_samples, "world": world,
-                     "accum": self.runtime.accum_steps, "batch_size": batch},
-            schedule=self.schedule.state_dict(), config=to_dict(self.cfg), manifest_sha256=self.manifest_sha256,
-            extra=task.state_dict())
-        self.runtime.save(str(self.ckpt_dir), tag, meta)
-        if tag == "last":
-            self.last_good = (str(self.ckpt_dir / tag), self.step)
