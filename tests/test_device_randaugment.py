@@ -13,7 +13,7 @@ from timm.data import auto_augment as timm_aa
 from fastlivt.config import ConfigError
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data import ra_fidelity as rf
-from fastlivt.data.randaugment import timm_rand_augment
+from fastlivt.data.ra_fidelity import timm_rand_augment
 from fastlivt.data.sample_rng import RandAugmentDraws, rand_augment_draws, sample_keys
 
 CONFIG = "rand-m9-mstd0.5-inc1"

@@ -1,10 +1,8 @@
 """Same seed, same batches: the ffcv and dali loaders' images and labels in every stage, with any number of workers,
 across a resume (set_epoch + skip), and a clean process exit after iterating them."""
 import os
-import random
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -121,40 +119,6 @@ def test_rrc_windows_follow_torchvision_get_params():
     # no attempt fits a 10 x 100 strip at scale >= 0.9: the center crop of ratio 4/3 (h 10, w round(13.33))
     fb = sample_rng.rrc_windows(keys[:3], np.full(3, 10), np.full(3, 100), (0.9, 1.0))
     assert fb[0].tolist() == [0, 43, 10, 13]
-
-
-def test_seeded_rand_augment_ignores_other_threads_and_leaves_global_random_alone():
-    from fastlivt.data.randaugment import seeded_rand_augment, timm_rand_augment
-
-    ra = timm_rand_augment("rand-m9-mstd0.5-inc1", 32, (0.5, 0.5, 0.5))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    serial = [np.asarray(seeded_rand_augment(ra, image, s)) for s in range(40)]
-    assert len({a.tobytes() for a in serial}) > 20
-    random.seed(5)
-    state = random.getstate()
-    results, stop = {}, threading.Event()
-
-    def noise():
-        while not stop.is_set():
-            ra(image)  # timm's own RandAugment on the global generators, concurrently
-
-    def worker(k):
-        results[k] = [np.asarray(seeded_rand_augment(ra, image, s)) for s in range(40)]
-
-    noisy = threading.Thread(target=noise)
-    noisy.start()
-    workers = [threading.Thread(target=worker, args=(k,)) for k in range(3)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    stop.set()
-    noisy.join()
-    for k in range(3):
-        assert all(np.array_equal(a, b) for a, b in zip(results[k], serial))
-    random.setstate(state)
-    seeded_rand_augment(ra, image, 3)
-    assert random.getstate() == state
 
 
 _EXIT_SCRIPT = r"""

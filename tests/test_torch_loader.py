@@ -214,7 +214,7 @@ def test_finetune_randaugment_is_timms_policy_on_the_crops(split):
     """The loader's BFT images = timm's PIL RandAugment ops, with the samples' draws, on the same crops."""
     from fastlivt.data import device_randaugment as dra
     from fastlivt.data.ra_fidelity import diff_figures, timm_reference
-    from fastlivt.data.randaugment import timm_rand_augment
+    from fastlivt.data.ra_fidelity import timm_rand_augment
     from fastlivt.data.sample_rng import sample_keys
 
     config = "rand-m9-mstd0.5-inc1"

@@ -15,7 +15,11 @@ Datasets (built with the converter in a temporary directory):
   (G = 100) in the full run, the first 1,024 training images in the quick one.
 
 Pipelines: MGP (``pretrain``: RandomResizedCrop + flip + normalise) and BFT (``finetune``: + RandAugment
-rand-m9-mstd0.5-inc1), loader only (BFT's batch Mixup/CutMix/erasing runs on the device, the same for all backends).
+rand-m9-mstd0.5-inc1, the device stage all backends share), loader only (BFT's batch Mixup/CutMix/erasing runs on
+the device, the same for all backends). Each loader row also carries the host's CPU time per image up to the
+hand-over (``extra.host_us_per_image``, what the host does in ``extra.host_does``) beside the full path's
+(``full_cpu_us_per_image``); the ``device stage`` rows time the shared stage per batch
+(:mod:`fastlivt.bench.data_stage`).
 One warm-up pass (FFCV's numba compilation, DALI's graph build), then timed full epochs. CPU time is the process's
 (all threads, ``time.process_time``) plus its finished children's (the DataLoader workers, ``RUSAGE_CHILDREN``).
 ``--quick`` uses few images and turns FFCV's numba JIT off (rows say so): its figures are a smoke test, not results.
@@ -35,6 +39,7 @@ import torch
 
 from data_prep.config import ConvertConfig
 from fastlivt.bench.common import Row, device_name, sync, unavailable
+from fastlivt.bench.data_stage import attach_host_time, device_stage_rows, torch_host_seconds
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.logs import get_logger
 
@@ -107,13 +112,15 @@ def build_inputs(tmp: Path, quick: bool) -> Dict[str, Dict[str, object]]:
 
 
 def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int,
-            pil_baseline: bool = False) -> Tuple[List[float], float, int]:
+            pil_baseline: bool = False, hand_over_only: bool = False) -> Tuple[List[float], float, int]:
     """Images/s of each of ``repeats`` timed epochs, CPU-seconds per image over them, images per epoch
-    (``pil_baseline``: the PIL reference loader instead of ``cfg.data.backend``)."""
+    (``pil_baseline``: the PIL reference loader instead of ``cfg.data.backend``; ``hand_over_only``: the loader
+    stops at the hand-over to the shared device stage)."""
     from fastlivt.data import build_loader
     from fastlivt.data.pil_loader import PILLoader
 
     loader = PILLoader(cfg, "train", stage, device=device) if pil_baseline else build_loader(cfg, "train", stage, device=device)
+    loader.hand_over_only = hand_over_only
     per_pass = len(loader) * loader.batch_size * loader.world  # positions of an epoch's batches over the world
     loader.seek(max(0, len(loader) - 2) * loader.batch_size * loader.world, per_pass)  # warm-up: the last two
     # batches of epoch 0 (compiles / builds)
@@ -127,7 +134,9 @@ def measure(cfg: TrainConfig, stage: str, device: torch.device, repeats: int,
         sync(device)
         rates.append(n / (time.perf_counter() - t0))
         images += n
-    return rates, (_cpu_seconds() - cpu0) / images, images // repeats
+    cpu = (_cpu_seconds() - cpu0) / images
+    loader.close()  # its threads (FFCV's, DALI's) end here, not in a later process's fork
+    return rates, cpu, images // repeats
 
 
 def _variants(entry: Dict[str, object], device: torch.device) -> List[Tuple[str, Optional[str], List[str]]]:
@@ -192,8 +201,10 @@ def decode_rows(quick: bool, device: torch.device) -> List[Row]:
 
 
 def run_chunks(quick: bool, device: torch.device) -> Iterator[List[Row]]:
-    """The decode row first (it needs only torch and torchvision), written at once; then the loader rows."""
+    """The decode and device-stage rows first (they need only torch and torchvision), written at once; then the
+    loader rows."""
     yield decode_rows(quick, device)
+    yield device_stage_rows(quick, device)
     yield _loader_rows(quick, device)
 
 
@@ -253,9 +264,20 @@ def _rows_for(label: str, entry, stage: str, device, dev: str, repeats: int, qui
         row = Row(part="data", name=label, backend=backend, device=dev, shape=shape, dtype="float32", unit="img/s",
                   median=med, spread=(max(rates) - min(rates)) / 2, repeats=repeats, extra=extra)
         if backend.startswith("torch-") and backend != BASELINE:
-            ra = " + timm RandAugment (device ops)" if stage == "finetune" else ""
+            ra = " + timm RandAugment (the shared device stage)" if stage == "finetune" else ""
             extra["path"] = (f"nvJPEG decode + crop{ra} on the GPU" if device.type == "cuda" else
                              f"decode + crop{ra} on CPU tensors")
+        try:
+            if backend == BASELINE:  # the reference does everything on the host
+                host = cpu_per_img
+            elif backend.startswith("torch-"):
+                host = torch_host_seconds(cfg, stage, repeats)[0]
+            else:
+                host = measure(cfg, stage, device, repeats, hand_over_only=True)[1]
+        except Exception as e:
+            log.exception("bench data: %s %s host time failed", label, backend)
+            host, extra["host_us_per_image"] = None, f"unavailable: error: {type(e).__name__}: {e}"
+        attach_host_time(row, backend, stage, host, base)
         if backend == BASELINE:
             base = row
             row.baseline, row.ratio = BASELINE, 1.0

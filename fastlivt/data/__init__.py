@@ -1,6 +1,6 @@
 """Loading converted splits: ``build_loader(cfg, split, stage, device, rank, world)`` over the ffcv, dali and torch
 backends, the long-tail samplers (:mod:`fastlivt.data.sampling`) and BFT's augmentation (:mod:`fastlivt.data.augment`,
-:mod:`fastlivt.data.randaugment`). See :mod:`fastlivt.data.base` for the loader's contract and
+:mod:`fastlivt.data.device_randaugment`). See :mod:`fastlivt.data.base` for the loader's contract and
 :mod:`fastlivt.data.registry` for the backends by name."""
 from fastlivt.data.augment import BatchAugment, Normalize
 from fastlivt.data.base import STAGES, EpochLoader

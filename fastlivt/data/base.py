@@ -8,7 +8,8 @@ device-side normalisation. A backend only turns a plan (sample indices in order,
 Stages (paper Table 9):
 
 * ``pretrain`` (MGP): RandomResizedCrop(scale=data.rrc_scale, ratio 3/4..4/3) + horizontal flip + normalise.
-* ``finetune`` (BFT): the same crop/flip, then RandAugment ``data.auto_augment`` per sample, normalise; the batch part
+* ``finetune`` (BFT): the same crop/flip, then RandAugment ``data.auto_augment`` per sample (timm's, in the device
+  stage every backend shares: :meth:`EpochLoader.device_stage`), normalise; the batch part
   (RandomErasing, Mixup/CutMix, label smoothing) is ``loader.batch_augment``: a :class:`~fastlivt.data.augment.BatchAugment`
   that **the training loop calls** on each batch, ``images, target = loader.batch_augment(images, labels)``, getting a
   :class:`~fastlivt.targets.MixTarget`. The iterator itself always yields plain labels.
@@ -27,7 +28,9 @@ import torch
 
 from data_prep.manifest import load_manifest
 from fastlivt.config import ConfigError, TrainConfig
+from fastlivt.data import device_randaugment as dra
 from fastlivt.data.augment import BatchAugment, Normalize
+from fastlivt.data.device_stage import DeviceStage
 from fastlivt.data.sample_rng import SampleParams, epoch_positions, train_params
 from fastlivt.data.sampling import LongTailSampler
 from fastlivt.logs import get_logger
@@ -108,6 +111,9 @@ class EpochLoader:
         self.normalize = Normalize(d.mean, d.std, self.device)
         self.batch_augment: Optional[BatchAugment] = None
         self.auto_augment = d.auto_augment if stage == "finetune" else None
+        self.rand_augment = dra.parse_policy(self.auto_augment) if self.auto_augment else None
+        self.shared_stage = DeviceStage(d.mean, d.std, self.device, cfg.run.seed, self.rand_augment)
+        self.hand_over_only = False  # `fastlivt bench data`: stop at the hand-over (host work and draws only)
         if stage == "finetune" and (d.mixup > 0 or d.cutmix > 0 or d.reprob > 0 or d.smoothing > 0):
             if (d.mixup > 0 or d.cutmix > 0) and (self.batch_size % 2 or not self.drop_last):
                 raise ValueError(f"Mixup/CutMix needs even, whole batches: data.batch_size={self.batch_size} "
@@ -156,8 +162,17 @@ class EpochLoader:
         return epoch_positions(self.rank, self.world, self._pass_offset, indices.size)
 
     def sample_params(self, indices: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> SampleParams:
-        """Crop window, flip and RandAugment seed of each of ``indices`` (a pass's plan) in the current epoch."""
+        """Crop window and flip of each of ``indices`` (a pass's plan) in the current epoch."""
         return train_params(self.cfg.run.seed, self.epoch, self.positions(indices), heights, widths, self.rrc_scale())
+
+    def device_stage(self, images: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        """The per-pixel work every backend shares after its crop, on the batch's device: timm's RandAugment per
+        sample (finetune with data.auto_augment, with the draws of the samples at the epoch's global ``positions``),
+        then normalisation. uint8 ``[B,3,H,W]`` in,
+        float32 out (:class:`~fastlivt.data.device_stage.DeviceStage`). With ``hand_over_only`` the host side alone
+        (the draws, copied to the device) runs and the uint8 images come back as they are."""
+        draws = self.shared_stage.draws(self.epoch, positions, images.device)
+        return images if self.hand_over_only else self.shared_stage.apply(images, draws)
 
     def close(self) -> None:
         """Stop the backend's threads (also run at interpreter exit, and by ``with loader:``)."""

@@ -1,65 +1,51 @@
-"""DALI backend: encoded images from the webdataset shards, decoded and augmented by a DALI pipeline.
+"""DALI backend: encoded images from the webdataset shards, decoded and cropped by a DALI pipeline.
 
 The sampler's plan enters through ``fn.external_source``: a callable that hands DALI the next batch of encoded bytes
 (read by offset, :class:`~fastlivt.data.shards.ShardReader`) and int32 labels, and raises ``StopIteration`` at the end
 of the plan, so an epoch is exactly the plan (a smaller last batch when not drop_last) and nothing spills over.
 
 Device: with ``data.dali_device`` = auto and CUDA available (and a CUDA training device), decoding is ``mixed``
-(nvJPEG) and resizing, RandAugment and normalisation run on the GPU; otherwise the whole graph is CPU
-(``device_id=None``). ``dali_device=gpu`` without CUDA is an error. The choice is logged.
+(nvJPEG) and the crop's resize runs on the GPU; otherwise the whole graph is CPU (``device_id=None``).
+``dali_device=gpu`` without CUDA is an error. The choice is logged.
 
-Augmentation: ``decoders.image_slice`` of the RandomResizedCrop window (area data.rrc_scale, aspect 3/4..4/3) +
-bicubic resize + mirror, or ``decoders.image`` + shorter-side bicubic resize + center crop (eval);
-``crop_mirror_normalize`` makes float CHW. finetune adds DALI's RandAugment suite (``auto_aug.rand_augment``'s ops,
-applied with ``auto_aug.core.select``) with timm's n and m (``num_magnitude_bins=11`` makes DALI's bin m the same
-magnitude as timm's m/10) and the 'increasing' suite for ``inc1``. DALI's RandAugment always applies its n ops (its
-suite holds 'identity') at the fixed magnitude: timm's per-op probability (``p``, 0.5) and magnitude noise (``mstd``)
-have no DALI equivalent, so those two settings are logged and not reproduced.
+The graph: ``decoders.image_slice`` of the RandomResizedCrop window (area data.rrc_scale, aspect 3/4..4/3) + bicubic
+resize + mirror (train), or ``decoders.image`` + shorter-side bicubic resize + center crop (eval), out as uint8 HWC.
+The rest is the device stage every backend shares (:meth:`EpochLoader.device_stage`): timm's RandAugment per sample
+for finetune with ``data.auto_augment`` (:mod:`fastlivt.data.device_randaugment`), then normalisation, on the
+loader's device.
 
-Reproducibility: the graph holds no DALI random operator. The crop window, the flip, the RandAugment op indices and
-magnitude signs of every sample are computed on the host from (run.seed, epoch, global position)
-(:mod:`fastlivt.data.sample_rng`; the window needs the image size, read from the JPEG header once per sample) and
-fed through the external source with the encoded bytes: batches are the same in every run, with any number of
-threads, and a resumed pass continues with the parameters the uninterrupted one would have used.
+Reproducibility: the graph holds no DALI random operator. The crop window and the flip of every sample are computed
+on the host from (run.seed, epoch, global position) (:mod:`fastlivt.data.sample_rng`; the window needs the image
+size, read from the JPEG header once per sample) and fed through the external source with the encoded bytes, and
+RandAugment's draws come from the same triple: batches are the same in every run, with any number of threads, and a
+resumed pass continues with the parameters the uninterrupted one would have used.
 """
 from __future__ import annotations
 
+import gc
 import io
-import re
-from typing import Callable, Dict, Iterator, List, Tuple
+import os
+from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 import torch
 
 from fastlivt.config import ConfigError
 from fastlivt.data.base import EpochLoader
-from fastlivt.data.sample_rng import choices, flips, rrc_windows, sample_keys, signs
+from fastlivt.data.sample_rng import flips, rrc_windows, sample_keys
 from fastlivt.data.shards import ShardReader
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
 
 
-def parse_rand_augment(config: str) -> Dict[str, float]:
-    """timm's 'rand-m9-mstd0.5-inc1' -> {'n': 2, 'm': 9, 'mstd': 0.5, 'inc': 1, 'p': 0.5} (timm's defaults filled in)."""
-    parts = config.split("-")
-    if parts[0] != "rand":
-        raise ConfigError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
-    out: Dict[str, float] = {"n": 2, "m": 10, "mstd": 0.0, "inc": 0, "p": 0.5}
-    for part in parts[1:]:
-        key, value = (re.split(r"(\d.*)", part) + ["", ""])[:2]  # timm's own parsing: letters, then a number
-        if key not in out or not value:
-            raise ConfigError(f"data.auto_augment: unsupported RandAugment setting {part!r} in {config!r}")
-        out[key] = float(value)
-    return out
+def _freeze_garbage_in_child() -> None:
+    """In a forked child (a DataLoader worker), never let the cyclic GC finalise what the parent left: an unclosed
+    DALI pipeline's destructor waits on executor threads that exist only in the parent, and hangs the child."""
+    gc.freeze()
 
 
-def rand_augment_suite(rand_aug: Dict[str, float], size: int) -> List:
-    """DALI's RandAugment ops for timm's setting (``inc1``: the monotonic suite), translations relative to the shape."""
-    from nvidia.dali.auto_aug import rand_augment
-
-    suite = rand_augment.get_rand_augment_suite if rand_aug["inc"] else rand_augment.get_rand_augment_non_monotonic_suite
-    return suite(use_shape=True, max_translate_rel=0.45)
+os.register_at_fork(after_in_child=_freeze_garbage_in_child)
 
 
 class _PlanSource:
@@ -96,15 +82,15 @@ def _jpeg_size(encoded: np.ndarray) -> Tuple[int, int]:
         return im.height, im.width
 
 
-def _build_pipeline(source, stage: str, size: int, mean, std, resize: int, rand_aug, decode: str,
-                    batch_size: int, num_threads: int, device_id, seed: int, prefetch: int):
+def _build_pipeline(source, stage: str, size: int, resize: int, decode: str, batch_size: int, num_threads: int,
+                    device_id, seed: int, prefetch: int):
     from nvidia.dali import fn, pipeline_def, types
 
     train = stage != "eval"
-    outputs = 2 + (3 if train else 0) + (2 if train and rand_aug is not None else 0)
-    dtypes = [types.UINT8, types.INT32] + [types.FLOAT, types.FLOAT, types.INT32, types.INT32, types.INT32][:outputs - 2]
+    outputs = 2 + (3 if train else 0)
+    dtypes = [types.UINT8, types.INT32] + [types.FLOAT, types.FLOAT, types.INT32][:outputs - 2]
 
-    @pipeline_def(enable_conditionals=rand_aug is not None)
+    @pipeline_def
     def pipeline():
         jpegs, labels, *params = fn.external_source(source=source, num_outputs=outputs, batch=True, dtype=dtypes)
         mirror = False
@@ -112,21 +98,12 @@ def _build_pipeline(source, stage: str, size: int, mean, std, resize: int, rand_
             images = fn.decoders.image(jpegs, device=decode, output_type=types.RGB)
             images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_CUBIC)
         else:
-            anchor, shape, mirror = params[:3]  # (left, top), (width, height): image_slice's default axes "WH"
+            anchor, shape, mirror = params  # (left, top), (width, height): image_slice's default axes "WH"
             images = fn.decoders.image_slice(jpegs, anchor, shape, device=decode, output_type=types.RGB,
                                              normalized_anchor=False, normalized_shape=False)
             images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC)
-            if rand_aug is not None:
-                from nvidia.dali.auto_aug.core import select, signed_bin
-
-                op_idx, sign = params[3:]
-                magnitude = signed_bin(int(round(rand_aug["m"])), random_sign=sign)
-                for level in range(int(rand_aug["n"])):
-                    images = select(rand_augment_suite(rand_aug, size), op_idx[level], data=images,
-                                    magnitude_bin=magnitude[level], num_magnitude_bins=11, shape=[size, size],
-                                    fill_value=int(round(255 * sum(mean) / 3)))
-        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
-                                          mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
+        images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout="HWC", crop=(size, size),
+                                          mirror=mirror)
         return images, labels
 
     return pipeline(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
@@ -150,14 +127,9 @@ class DALILoader(EpochLoader):
         self.mixed = want == "gpu" or (want == "auto" and cuda and self.device.type == "cuda")
         self.dali_device = "mixed" if self.mixed else "cpu"
         reason = {"gpu": "asked for", "cpu": "asked for"}.get(want, "CUDA available" if self.mixed else "no CUDA device")
-        log.info("dali: %s decoding (%s)%s", self.dali_device, reason,
-                 ", augmentation on the GPU" if self.mixed else ", all-CPU pipeline (device_id=None)")
-        self.rand_aug = parse_rand_augment(self.auto_augment) if self.auto_augment else None
-        if self.rand_aug and (self.rand_aug["mstd"] or self.rand_aug["p"] != 1.0):
-            log.info("dali: RandAugment n=%d m=%d; timm's mstd=%g and per-op p=%g have no DALI equivalent",
-                     self.rand_aug["n"], self.rand_aug["m"], self.rand_aug["mstd"], self.rand_aug["p"])
+        log.info("dali: %s decoding (%s)%s; RandAugment and normalisation on %s", self.dali_device, reason,
+                 ", crop on the GPU" if self.mixed else ", all-CPU pipeline (device_id=None)", self.device)
         self.source = _PlanSource(ShardReader(self.manifest), self.labels)
-        self.num_ops = len(rand_augment_suite(self.rand_aug, self.img_size)) if self.rand_aug else 0
         self.sizes = np.full((self.num_samples, 2), -1, np.int64)  # (height, width) per sample, read when first needed
         self._pipe = self._iterator = None
         self._finished = True
@@ -173,22 +145,16 @@ class DALILoader(EpochLoader):
         top, left, h, w = rrc_windows(keys, self.sizes[idx, 0], self.sizes[idx, 1], self.rrc_scale()).T
         anchor = np.stack([left, top], 1).astype(np.float32)
         shape = np.stack([w, h], 1).astype(np.float32)
-        out = [list(anchor), list(shape), list(flips(keys).astype(np.int32).reshape(-1, 1))]
-        if self.rand_aug:
-            n = int(self.rand_aug["n"])
-            out += [list(choices(keys, self.num_ops, n)), list(signs(keys, n))]
-        return out
+        return [list(anchor), list(shape), list(flips(keys).astype(np.int32).reshape(-1, 1))]
 
     def _build(self) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         d = self.cfg.data
         device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if self.mixed else None
-        # (DALI's auto_aug warns about its own deprecated fn.experimental aliases; harmless)
         self.close_pipeline()
-        pipe = _build_pipeline(self.source, self.stage, self.img_size, d.mean, d.std,
-                               self.eval_resize(), self.rand_aug, self.dali_device, self.batch_size,
-                               max(1, d.workers), device_id, self.cfg.run.seed * 1000 + self.rank,
+        pipe = _build_pipeline(self.source, self.stage, self.img_size, self.eval_resize(), self.dali_device,
+                               self.batch_size, max(1, d.workers), device_id, self.cfg.run.seed * 1000 + self.rank,
                                max(1, d.batches_ahead))
         pipe.build()
         self._pipe = pipe
@@ -205,9 +171,12 @@ class DALILoader(EpochLoader):
         if not self._fresh:
             self._iterator.reset()
         self._fresh, self._finished = False, False
-        for out in self._iterator:
-            images, labels = out[0]["images"], out[0]["labels"]
-            yield images.to(self.device, non_blocking=True), self._labels_to_device(labels)
+        positions, first = self.positions(indices), 0
+        for out in self._iterator:  # the plan's batches in order
+            images, labels = out[0]["images"], out[0]["labels"]  # uint8 [B,H,W,3]
+            batch_positions, first = positions[first:first + images.shape[0]], first + images.shape[0]
+            images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            yield self.device_stage(images, batch_positions), self._labels_to_device(labels)
         self._finished = True
 
     def close_pipeline(self) -> None:
@@ -216,8 +185,6 @@ class DALILoader(EpochLoader):
         del iterator
         if pipe is not None:
             del pipe
-            import gc
-
             gc.collect()  # DALI joins its worker threads when the pipeline object is destroyed
 
     def close(self) -> None:

@@ -1,11 +1,13 @@
 """FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines.
 
-Image pipeline: :class:`~fastlivt.data.ffcv_ops.SeededRRCDecoder` (train: RandomResizedCrop + flip) or
-``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), :class:`~fastlivt.data.ffcv_ops.FFCVRandAugment`
-(finetune with ``data.auto_augment``), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; normalisation then runs on the
-device. Every random parameter (crop window, flip, RandAugment seed) is computed on the host for the whole pass from
-(run.seed, epoch, global position) by :mod:`fastlivt.data.sample_rng` and handed to the operations per batch
-(:class:`~fastlivt.data.ffcv_ops.PlanLoader`), so batches are the same in every run, with any number of workers. The
+Image pipeline on the host: :class:`~fastlivt.data.ffcv_ops.SeededRRCDecoder` (train: RandomResizedCrop + flip) or
+``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; the uint8
+batch then goes through the device stage every backend shares (:meth:`EpochLoader.device_stage`: timm's RandAugment
+per sample for finetune with ``data.auto_augment``, normalisation) on the loader's device. Every random parameter
+(crop window, flip, RandAugment draws) is computed on the host from (run.seed, epoch, global position) by
+:mod:`fastlivt.data.sample_rng`: the crop's for the whole pass, handed to the decoder per batch
+(:class:`~fastlivt.data.ffcv_ops.PlanLoader`), RandAugment's per batch as it reaches the device stage, so batches
+are the same in every run, with any number of workers. The
 long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)`` on
 it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
 not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
@@ -55,7 +57,7 @@ class FFCVLoader(EpochLoader):
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
         from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
-        from fastlivt.data.ffcv_ops import FFCVRandAugment, PlanLoader, SeededRRCDecoder
+        from fastlivt.data.ffcv_ops import PlanLoader, SeededRRCDecoder
 
         if not self.manifest.ffcv:
             raise ManifestError(f"{self.manifest.root}: no .beton in the manifest (convert with --formats ffcv)")
@@ -63,14 +65,10 @@ class FFCVLoader(EpochLoader):
         if not path.is_file():
             raise ManifestError(f"{path}: .beton named in the manifest is missing")
         d, size = cfg.data, self.img_size
-        self.decoder = self.rand_augment = None
+        self.decoder = None
         if self.train:
             self.decoder = SeededRRCDecoder((size, size))
             image = [self.decoder]
-            if self.auto_augment:
-                self.rand_augment = FFCVRandAugment(self.auto_augment, size, d.mean, "bicubic",
-                                                    num_threads=max(1, d.workers))
-                image.append(self.rand_augment)
         else:
             image = [CenterCropRGBImageDecoder((size, size), ratio=d.eval_crop_pct)]
         non_blocking = self.device.type == "cuda"
@@ -92,18 +90,17 @@ class FFCVLoader(EpochLoader):
         if not self.train:
             return {}
         params = self.sample_params(indices, self.heights[indices], self.widths[indices])
-        tables = {self.decoder: np.concatenate([params.windows, params.flip[:, None].astype(np.int64)], axis=1)}
-        if self.rand_augment is not None:
-            tables[self.rand_augment] = params.aug_seed[:, None]
-        return tables
+        return {self.decoder: np.concatenate([params.windows, params.flip[:, None].astype(np.int64)], axis=1)}
 
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         self.order.set(indices)
         self.loader.set_tables(self._param_tables(indices))
+        positions, first = self.positions(indices), 0
         try:
-            for images, labels in self.loader:
-                # FFCV recycles its output buffers: normalising and the label copy make the batch ours
-                yield self.normalize(images), self._labels_to_device(labels)
+            for images, labels in self.loader:  # FFCV yields the plan's batches in order
+                # FFCV recycles its output buffers: the device stage (a new tensor) and the label copy make the batch ours
+                batch_positions, first = positions[first:first + images.shape[0]], first + images.shape[0]
+                yield self.device_stage(images, batch_positions), self._labels_to_device(labels)
         finally:  # a pass left midway: its thread would keep decoding batches ahead
             self.loader.stop()
 

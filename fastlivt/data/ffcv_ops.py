@@ -6,8 +6,6 @@ worker threads: the draws depend on thread scheduling, so two runs with one seed
 * :class:`SeededRRCDecoder` decodes, crops the window ``(top, left, height, width)`` given for the sample, resizes to
   the output size with FFCV's own ``resize_crop`` and flips when asked. The parameters arrive in its last memory
   buffer, ``int64 [B, 5]`` = (top, left, height, width, flip).
-* :class:`FFCVRandAugment` runs timm's RandAugment per sample (:mod:`fastlivt.data.randaugment`), seeded per sample,
-  its seeds arriving in its last memory buffer, ``int64 [B, 1]``.
 * :class:`PlanLoader` is FFCV's ``Loader`` whose epoch iterator, right before it runs the pipeline on batch ``b``,
   copies rows ``b*B .. b*B+n`` of the epoch's parameter table of every *seeded operation* (an operation with a
   ``PARAM_WIDTH`` attribute, whose last memory buffer receives them) into that buffer's slot. FFCV runs the batches of
@@ -17,8 +15,7 @@ worker threads: the draws depend on thread scheduling, so two runs with one seed
 from __future__ import annotations
 
 from dataclasses import replace
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
@@ -27,9 +24,7 @@ from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.operation import Operation
 
-from fastlivt.data.randaugment import rand_augment_batch, timm_rand_augment
 
 ParamTables = Dict[object, np.ndarray]  # seeded operation -> int64 [len(epoch order), PARAM_WIDTH]
 # Every numba dispatcher FFCV's Compiler makes (each pipeline stage and the functions they call, per loader), kept
@@ -178,52 +173,5 @@ class PlanLoader(Loader):
             current.join_thread()
 
     def close(self) -> None:
-        """Stop the pass's thread and every seeded operation's own threads."""
+        """Stop the pass's thread."""
         self.stop()
-        for op, _ in seeded_operations(self):
-            if hasattr(op, "close"):
-                op.close()
-
-
-class FFCVRandAugment(Operation):
-    """FFCV operation: per-sample timm RandAugment on a batch of uint8 ``[B,H,W,3]`` arrays (same shape out).
-
-    Place it after the decoder, before ``ToTensor``. Its memory is ``(output images, seeds int64 [B, 1])``; the loader
-    writes each batch's sample seeds into the second buffer before the batch runs (``PARAM_WIDTH`` columns).
-    ``num_threads`` > 1 splits the batch over threads.
-    """
-
-    PARAM_WIDTH = 1
-
-    def __init__(self, config: str, img_size: int, mean: Sequence[float], interpolation: str = "bicubic",
-                 num_threads: int = 1):
-        super().__init__()
-        self.ra = timm_rand_augment(config, img_size, mean, interpolation)
-        self.num_threads = max(1, int(num_threads))
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    def generate_code(self):
-        ra = self.ra
-        if self.num_threads > 1 and self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="randaugment")
-        pool = self._pool
-
-        def rand_augment(images: np.ndarray, memory) -> np.ndarray:
-            dst, params = memory
-            return rand_augment_batch(ra, images, dst[: images.shape[0]], params[: images.shape[0], 0], pool)
-
-        return rand_augment
-
-    def close(self) -> None:
-        """Stop the thread pool (waiting for its threads)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-    def declare_state_and_memory(self, previous_state) -> Tuple[object, object]:
-        if len(previous_state.shape) != 3 or previous_state.shape[-1] != 3 or previous_state.dtype != np.dtype("uint8"):
-            raise ValueError(f"FFCVRandAugment expects uint8 HWC images, got shape {previous_state.shape} "
-                             f"dtype {previous_state.dtype} (place it before ToTensor)")
-        return (replace(previous_state, jit_mode=False),
-                (AllocationQuery(previous_state.shape, previous_state.dtype),
-                 AllocationQuery((self.PARAM_WIDTH,), np.dtype("int64"))))

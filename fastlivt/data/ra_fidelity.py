@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from PIL import Image
 from timm.data import auto_augment as timm_aa
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from fastlivt.config import ConfigError
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.sample_rng import RandAugmentDraws, sample_keys
 
@@ -28,6 +29,20 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.g
 INTEGER_OPS = ("AutoContrast", "Equalize", "Invert", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd")
 ENHANCE_OPS = ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing")
 GEOMETRIC_OPS = ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+
+
+def timm_rand_augment(config: str, img_size: int, mean: Sequence[float],
+                      interpolation: str = "bicubic") -> timm_aa.RandAugment:
+    """timm's RandAugment for ``config`` with the hyper-parameters ``transforms_imagenet_train`` passes it (the
+    reference the device implementation is measured against)."""
+    from timm.data.transforms import str_to_pil_interp
+
+    if not config.startswith("rand"):
+        raise ConfigError(f"data.auto_augment: only RandAugment policies ('rand-...') are supported, got {config!r}")
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=dra.img_mean(mean))
+    if interpolation and interpolation != "random":
+        hparams["interpolation"] = str_to_pil_interp(interpolation)
+    return timm_aa.rand_augment_transform(config, hparams)
 
 
 class _ScriptedRandom:
@@ -134,8 +149,6 @@ def fidelity_table(config: str = "rand-m9-mstd0.5-inc1", n: int = 64, size: int 
                    geometry_dtype: torch.dtype = torch.float64) -> Dict[str, Dict[str, float]]:
     """Per op (and 'pipeline' for the whole policy): :func:`diff_figures` of device vs timm over ``n`` images, with
     the policy's draws and bilinear/bicubic at random."""
-    from fastlivt.data.randaugment import timm_rand_augment
-
     fill = dra.img_mean(mean)
     ra = timm_rand_augment(config, size, mean, "random")
     images = fidelity_images(n, size, seed)
@@ -167,11 +180,16 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def dispatched_ops(fn: Callable[[], object]) -> int:
+    """Number of aten operations ``fn()`` dispatches (on CPU tensors: each one a kernel launch on a GPU)."""
+    with _OpCounter() as counter:
+        fn()
+    return counter.count
+
+
 def count_ops(images: torch.Tensor, draws: dra.DeviceDraws, fill: Sequence[int], **device_kwargs) -> int:
     """Number of aten operations one :func:`~fastlivt.data.device_randaugment.device_rand_augment` call dispatches."""
-    with _OpCounter() as counter:
-        dra.device_rand_augment(images, draws, fill, **device_kwargs)
-    return counter.count
+    return dispatched_ops(lambda: dra.device_rand_augment(images, draws, fill, **device_kwargs))
 
 
 def time_batch(batch: int, size: int, device: torch.device, repeats: int = 5,

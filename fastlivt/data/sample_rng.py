@@ -12,13 +12,11 @@ from a 64-bit key, ``sample_keys(seed, epoch, positions)``, by a counter-based h
 * ``rrc_windows``: torchvision's ``RandomResizedCrop.get_params`` (10 attempts of area in ``scale`` and log-uniform
   aspect ratio in ``ratio``, then the center-crop fallback), vectorised: ``(top, left, height, width)`` per sample.
 * ``flips``: horizontal flip with probability ``p``.
-* ``aug_seeds``: a 63-bit seed per sample for a per-sample RandAugment generator (timm ops through
-  :mod:`fastlivt.data.randaugment`).
 * ``choices``: ``count`` integers in [0, n) per sample (RandAugment op indices), ``signs``: {0, 1} per draw.
 * ``rand_augment_draws``: everything timm's RandAugment draws for one image (op choices with replacement, the
   p = 0.5 apply test, the magnitude noise, the sign, the bilinear/bicubic choice), for the device implementation
   (:mod:`fastlivt.data.device_randaugment`).
-* :func:`train_params` bundles what a training loader needs: ``SampleParams(windows, flip, aug_seed)``.
+* :func:`train_params` bundles what a training loader needs: ``SampleParams(windows, flip)``.
 
 Only integer arithmetic and IEEE float64 (``log``, ``exp``, ``sqrt``) enter the parameters: they are the same on
 every machine up to the last-ulp behaviour of the platform's ``exp``/``log``, which can move a crop edge by one pixel
@@ -115,12 +113,6 @@ def flips(keys: np.ndarray, p: float = 0.5) -> np.ndarray:
     return uniforms(keys, _FLIP)[:, 0] < p
 
 
-def aug_seeds(keys: np.ndarray) -> np.ndarray:
-    """A non-negative 63-bit int64 seed per key, for the sample's RandAugment generator."""
-    with np.errstate(over="ignore"):
-        return (_mix(np.asarray(keys, dtype=np.uint64) ^ _mix(_u64(_AUG) * _GOLDEN)) >> np.uint64(1)).astype(np.int64)
-
-
 def choices(keys: np.ndarray, n: int, count: int) -> np.ndarray:
     """int32 ``[len(keys), count]``: uniform choices in [0, n), with replacement."""
     return np.minimum(np.floor(uniforms(keys, _CHOICE, count) * n), n - 1).astype(np.int32)
@@ -176,17 +168,16 @@ def rand_augment_draws(keys: np.ndarray, num_ops: int, layers: int = 2, prob: fl
 
 @dataclass
 class SampleParams:
-    """What a training loader draws per sample: ``windows`` int64 [n, 4] (top, left, height, width), ``flip`` bool
-    [n], ``aug_seed`` int64 [n] (RandAugment generator seed)."""
+    """What a training loader draws per sample for its crop: ``windows`` int64 [n, 4] (top, left, height, width),
+    ``flip`` bool [n] (RandAugment's draws: :func:`rand_augment_draws`)."""
 
     windows: np.ndarray
     flip: np.ndarray
-    aug_seed: np.ndarray
 
 
 def train_params(seed: int, epoch: int, positions: np.ndarray, heights: np.ndarray, widths: np.ndarray,
                  scale: Tuple[float, float], ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> SampleParams:
-    """RandomResizedCrop window, flip and RandAugment seed of the samples at ``positions`` of ``epoch``, whose
+    """RandomResizedCrop window and flip of the samples at ``positions`` of ``epoch``, whose
     images are ``heights x widths``."""
     keys = sample_keys(seed, epoch, positions)
-    return SampleParams(rrc_windows(keys, heights, widths, scale, ratio), flips(keys), aug_seeds(keys))
+    return SampleParams(rrc_windows(keys, heights, widths, scale, ratio), flips(keys))

@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from fastlivt.data import device_decode as dd
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.base import EpochLoader
-from fastlivt.data.sample_rng import sample_keys, train_params
+from fastlivt.data.device_stage import DeviceStage
+from fastlivt.data.sample_rng import train_params
 from fastlivt.data.shards import ShardReader
 from fastlivt.logs import get_logger
 
@@ -42,9 +43,12 @@ class Augmenter:
     0..255 (uint8 on the CPU, float32 on CUDA; picklable)."""
 
     def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
-                 rand_augment: Optional[dra.RandAugmentPolicy] = None, fill: Sequence[int] = (128, 128, 128)):
+                 rand_augment: Optional[dra.RandAugmentPolicy] = None,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)):
         self.stage, self.size, self.seed, self.rrc_scale = stage, size, seed, tuple(rrc_scale)
-        self.eval_resize, self.rand_augment, self.fill = eval_resize, rand_augment, tuple(fill)
+        self.eval_resize = eval_resize
+        # timm's RandAugment per sample: the RandAugment half of the stage every backend shares
+        self.rand_augment = DeviceStage(mean, std, torch.device("cpu"), seed, rand_augment) if rand_augment else None
 
     def __call__(self, images: List[torch.Tensor], positions: np.ndarray, epoch: int) -> torch.Tensor:
         if self.stage == "eval":
@@ -54,10 +58,9 @@ class Augmenter:
         p = train_params(self.seed, epoch, positions, heights, widths, self.rrc_scale)
         top, left, h, w = p.windows.T
         out = dd.crop_resize(images, top, left, h, w, p.flip, self.size)
-        if self.rand_augment is not None:  # timm's order: crop, flip, RandAugment; bicubic as create_transform's
-            draws = dra.draw(self.rand_augment, sample_keys(self.seed, epoch, positions), "bicubic")
-            device_draws = dra.DeviceDraws.from_draws(draws, out.device)
-            out = dra.device_rand_augment(out.to(torch.uint8), device_draws, self.fill).to(out.dtype)
+        if self.rand_augment is not None:  # timm's order: crop, flip, RandAugment (the stage every backend shares)
+            ra = self.rand_augment
+            out = ra.augment(out.to(torch.uint8), ra.draws(epoch, positions, out.device)).contiguous().to(out.dtype)
         return out
 
 
@@ -94,9 +97,9 @@ class TorchLoader(EpochLoader):
     def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
         super().__init__(cfg, split, stage, device, rank, world)
         d = cfg.data
-        ra = dra.parse_policy(self.auto_augment) if self.auto_augment else None
+        ra = self.rand_augment
         self.augment = Augmenter(stage, self.img_size, cfg.run.seed, self.rrc_scale(), self.eval_resize(), ra,
-                                 dra.img_mean(d.mean))
+                                 d.mean, d.std)
         self.workers = max(0, int(d.workers))
         self.device_decode = self.device.type == "cuda"
         self.dataset = ShardBatches(ShardReader(self.manifest), self.labels, self.augment,

@@ -1,0 +1,118 @@
+"""``fastlivt bench data``'s split of the work at the hand-over: the host's CPU time per image up to it, per backend,
+and the device stage every backend shares after it (:class:`~fastlivt.data.device_stage.DeviceStage`).
+
+* Host time (``extra.host_us_per_image``): CPU microseconds per image a GPU machine's host spends before the batch
+  goes to the device — the loader iterated with ``hand_over_only`` (ffcv: reading, decode and crop in FFCV's
+  pipeline; dali: its graph; both plus the RandAugment draws), or, for the torch backend, whose decode and crop run on
+  the device, the reading of the bytes (its DataLoader items), the image size from the JPEG header and the crop,
+  flip and RandAugment draws. The row's ``extra.host_does`` says which.
+* Device stage (``device stage`` rows): milliseconds per batch of the shared stage — RandAugment per sample (BFT)
+  and normalisation — on uint8 224-px crops at B = 32 and B = 256, with ``extra.device_ops_per_batch``: the aten
+  operations one batch dispatches at each B (a TorchDispatchMode count on the benchmark's device; on a GPU, each
+  one a kernel launch), equal for both when the stage has no per-image loop.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from fastlivt.bench.common import Row, device_name, sync
+from fastlivt.config import TrainConfig
+
+BFT_POLICY = "rand-m9-mstd0.5-inc1"
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def host_does(backend: str, stage: str) -> str:
+    """What the host does up to the hand-over on ``backend`` (a bench label) in ``stage``."""
+    draws = "crop/flip draws" + (" + RandAugment draws" if stage == "finetune" else "")
+    return {
+        "torch-pil": "everything (PIL decode, crop, flip, RandAugment, ToTensor, normalise: the reference)",
+        "ffcv-jpg": f"read JPEG + decode + RandomResizedCrop + flip in FFCV, {draws}",
+        "ffcv-raw": f"read raw pixels + RandomResizedCrop + flip in FFCV, {draws}",
+        "dali-cpu": f"read JPEG + DALI CPU decode + crop + flip, {draws}",
+        "dali-mixed": f"read JPEG + DALI's host side of nvJPEG decode, {draws}",
+    }.get(backend, f"read JPEG bytes + header size, {draws} (decode, crop on the device)")
+
+
+def torch_host_seconds(cfg: TrainConfig, stage: str, repeats: int) -> Tuple[float, int]:
+    """CPU seconds per image the torch backend's host spends on a GPU machine (bytes read as its DataLoader items,
+    image size from the JPEG header, crop/flip and RandAugment draws), over ``repeats`` epochs; images per epoch."""
+    from fastlivt.data import build_loader
+    from fastlivt.data.dali_loader import _jpeg_size
+    from fastlivt.data.sample_rng import train_params
+
+    with build_loader(cfg, "train", stage, device=torch.device("cpu")) as loader:
+        dataset, augment = loader.dataset, loader.augment
+        dataset.decode_here = False
+        indices = loader.plan(0)
+        positions = loader.positions(indices)
+        b = loader.batch_size
+        dataset.batches = [(indices[k:k + b], positions[k:k + b]) for k in range(0, indices.size, b)]
+        t0 = time.process_time()
+        for epoch in range(repeats):
+            for k in range(len(dataset)):
+                blob, sizes, _names, pos, _labels = dataset[k]
+                hw = np.array([_jpeg_size(a.numpy()) for a in torch.split(blob, sizes.tolist())])
+                train_params(cfg.run.seed, epoch, pos.numpy(), hw[:, 0], hw[:, 1], augment.rrc_scale)
+                if augment.rand_augment is not None:
+                    augment.rand_augment.draws(epoch, pos.numpy(), torch.device("cpu"))
+        return (time.process_time() - t0) / (repeats * indices.size), int(indices.size)
+
+
+def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
+    """The shared device stage per batch at 224 px, MGP (normalise) and BFT (RandAugment + normalise), B = 32, 256."""
+    from fastlivt.data import device_randaugment as dra
+    from fastlivt.data.device_stage import DeviceStage
+    from fastlivt.data.ra_fidelity import dispatched_ops, fidelity_images
+
+    size, batches = 224, (32, 256)
+    repeats = 1 if quick else 5
+    base = torch.from_numpy(fidelity_images(32, size)).permute(0, 3, 1, 2)
+    rows: List[Row] = []
+    for pipe, policy in (("MGP", None), ("BFT", dra.parse_policy(BFT_POLICY))):
+        stage = DeviceStage(MEAN, STD, device, 0, policy)
+        ops: Dict[str, int] = {}
+        timed: Dict[int, Tuple[List[float], float]] = {}
+        for b in batches:
+            images = base.repeat((b + 31) // 32, 1, 1, 1)[:b].contiguous(memory_format=torch.channels_last).to(device)
+            positions = np.arange(b)
+            t0 = time.process_time()
+            draws = stage.draws(0, positions, device)
+            host_s = time.process_time() - t0
+            stage.apply(images, draws)  # warm-up
+            sync(device)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                stage.apply(images, draws)
+                sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            ops[f"B={b}"] = dispatched_ops(lambda: stage.apply(images, draws))
+            timed[b] = (times, host_s)
+        what = "RandAugment rand-m9-mstd0.5-inc1 per sample + normalise" if policy else "normalise"
+        for b, (times, host_s) in timed.items():
+            med = statistics.median(times)
+            rows.append(Row(part="data", name=f"device stage {pipe} {size} ({what})", backend="shared (all backends)",
+                            device=device_name(device), shape=f"B={b} {size}x{size}", dtype="uint8->float32",
+                            unit="ms/batch", median=med, spread=(max(times) - min(times)) / 2, repeats=repeats,
+                            extra={"device_ops_per_batch": dict(ops), "images_per_s": b / med * 1e3,
+                                   "host_draw_us_per_image": host_s / b * 1e6,
+                                   "where": "GPU" if device.type == "cuda" else "CPU tensors, the same code path"}))
+    return rows
+
+
+def attach_host_time(row: Row, backend: str, stage: str, host_s_per_img: Optional[float],
+                     baseline: Optional[Row]) -> None:
+    """Put the host figures into ``row.extra`` beside its full CPU path (``cpu_s_per_img``) and the PIL baseline's."""
+    row.extra["host_does"] = host_does(backend, stage)
+    if host_s_per_img is None:
+        return
+    row.extra["host_us_per_image"] = host_s_per_img * 1e6
+    row.extra["full_cpu_us_per_image"] = row.extra["cpu_s_per_img"] * 1e6
+    if baseline is not None:
+        row.extra["host_ratio_vs_baseline_cpu"] = baseline.extra["cpu_s_per_img"] / host_s_per_img

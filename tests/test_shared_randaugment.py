@@ -1,0 +1,97 @@
+"""Every backend (ffcv, dali, torch) applies the one device RandAugment, with each sample's draws from
+(run.seed, epoch, position): a BFT batch = the shared stage's RandAugment of the same loader's crops without RandAugment, with
+the same expected draws for the three backends (they differ only by their decoders and resizers)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastlivt.config import TrainConfig, load_config
+from fastlivt.data import build_loader
+from fastlivt.data import device_randaugment as dra
+from fastlivt.data.device_stage import DeviceStage
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+POLICY = "rand-m9-mstd0.5-inc1"
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """20 textured JPEGs (smooth colour fields plus noise) of varied sizes in 2 classes, in both formats."""
+    root = tmp_path_factory.mktemp("shared-ra")
+    rng = np.random.default_rng(3)
+    for c, n in enumerate([12, 8]):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for k in range(n):
+            h, w = rng.integers(36, 80, 2)
+            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
+    from data_prep.cli import main
+
+    assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "out"),
+                 "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0
+    return root / "out"
+
+
+@pytest.fixture(autouse=True)
+def _no_numba_jit():
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def _uint8_epoch(out, backend, *over) -> torch.Tensor:
+    """One finetune epoch of ``backend``, its normalised images turned back into 0..255 integers."""
+    cfg = load_config(TrainConfig, None, [f"data.train={out}", f"data.backend={backend}", "data.img_size=24",
+                                          "data.batch_size=6", "data.workers=0", "data.dali_device=cpu",
+                                          "data.rrc_scale=[0.08,1.0]", "run.seed=5", *over])
+    with build_loader(cfg, "train", "finetune") as loader:
+        images = torch.cat([x.clone() for x, _ in loader])
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    values = images * std + mean
+    assert (values - values.round()).abs().max() < 1e-3  # normalised integers
+    return values.round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali", "torch"])
+def test_backend_applies_the_shared_device_rand_augment_with_the_samples_draws(split, backend):
+    crops = _uint8_epoch(split, backend, "data.auto_augment=")
+    augmented = _uint8_epoch(split, backend, f"data.auto_augment={POLICY}")
+    # epoch 0, one rank, no resume: sample k of the epoch sits at global position k
+    stage = DeviceStage(MEAN, STD, torch.device("cpu"), 5, dra.parse_policy(POLICY))
+    expected = stage.augment(crops, stage.draws(0, np.arange(crops.shape[0]), crops.device))
+    assert torch.equal(augmented, expected)
+    changed = (augmented != crops).flatten(1).any(1)
+    assert 0.3 < changed.float().mean() < 1.0  # p = 0.5 per op, 2 ops: about 3/4 of the samples change
+
+
+
+@pytest.mark.parametrize("backend", ["ffcv", "dali"])
+def test_hand_over_only_yields_the_uint8_crops_before_the_device_stage(split, backend):
+    """What `fastlivt bench data` times as the host's part: the loader's uint8 crops, RandAugment not applied."""
+    crops = _uint8_epoch(split, backend, "data.auto_augment=")
+    cfg = load_config(TrainConfig, None, [f"data.train={split}", f"data.backend={backend}", "data.img_size=24",
+                                          "data.batch_size=6", "data.workers=0", "data.dali_device=cpu",
+                                          "data.rrc_scale=[0.08,1.0]", "run.seed=5", f"data.auto_augment={POLICY}"])
+    with build_loader(cfg, "train", "finetune") as loader:
+        loader.hand_over_only = True
+        handed = torch.cat([x.clone() for x, _ in loader])
+    assert handed.dtype == torch.uint8 and torch.equal(handed, crops)
+
+
+def test_device_stage_dispatches_the_same_operations_for_any_batch():
+    """A fixed number of operations per batch (each a kernel launch on a GPU), RandAugment and normalisation."""
+    from fastlivt.data.ra_fidelity import dispatched_ops, fidelity_images
+
+    stage = DeviceStage(MEAN, STD, torch.device("cpu"), 0, dra.parse_policy(POLICY))
+    counts = []
+    for b in (3, 17):
+        images = torch.from_numpy(fidelity_images(b, 16)).permute(0, 3, 1, 2)
+        draws = stage.draws(0, np.arange(b), images.device)
+        counts.append(dispatched_ops(lambda: stage.apply(images, draws)))
+    assert counts[0] == counts[1] > 50
