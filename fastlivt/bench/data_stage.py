@@ -43,7 +43,7 @@ def torch_host_seconds(cfg: TrainConfig, stage: str, repeats: int) -> Tuple[floa
     """CPU seconds per image the torch backend's host spends on a GPU machine (bytes read as its DataLoader items,
     image size from the JPEG header, crop/flip and RandAugment draws), over ``repeats`` epochs; images per epoch."""
     from fastlivt.data import build_loader
-    from fastlivt.data.dali_loader import _jpeg_size
+    from fastlivt.data.shards import encoded_size
     from fastlivt.data.sample_rng import train_params
 
     with build_loader(cfg, "train", stage, device=torch.device("cpu")) as loader:
@@ -57,7 +57,7 @@ def torch_host_seconds(cfg: TrainConfig, stage: str, repeats: int) -> Tuple[floa
         for epoch in range(repeats):
             for k in range(len(dataset)):
                 blob, sizes, _names, pos, _labels = dataset[k]
-                hw = np.array([_jpeg_size(a.numpy()) for a in torch.split(blob, sizes.tolist())])
+                hw = np.array([encoded_size(a.numpy()) for a in torch.split(blob, sizes.tolist())])
                 train_params(cfg.run.seed, epoch, pos.numpy(), hw[:, 0], hw[:, 1], augment.rrc_scale)
                 if augment.rand_augment is not None:
                     augment.rand_augment.draws(epoch, pos.numpy(), torch.device("cpu"))

@@ -23,7 +23,6 @@ resumed pass continues with the parameters the uninterrupted one would have used
 from __future__ import annotations
 
 import gc
-import io
 import os
 from typing import Callable, Iterator, List, Tuple
 
@@ -33,7 +32,7 @@ import torch
 from fastlivt.config import ConfigError
 from fastlivt.data.base import EpochLoader
 from fastlivt.data.sample_rng import flips, rrc_windows, sample_keys
-from fastlivt.data.shards import ShardReader
+from fastlivt.data.shards import ShardReader, encoded_size
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)
@@ -72,14 +71,6 @@ class _PlanSource:
         encoded = [self.reader[int(i)] for i in idx]
         positions = self.positions[first:first + idx.size]
         return (encoded, [self.labels[i:i + 1] for i in idx], *self.params(idx, positions, encoded))
-
-
-def _jpeg_size(encoded: np.ndarray) -> Tuple[int, int]:
-    """(height, width) from an encoded image's header."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(encoded.tobytes())) as im:
-        return im.height, im.width
 
 
 def _build_pipeline(source, stage: str, size: int, resize: int, decode: str, batch_size: int, num_threads: int,
@@ -140,7 +131,7 @@ class DALILoader(EpochLoader):
         global ``positions``."""
         for k, i in enumerate(idx):
             if self.sizes[i, 0] < 0:
-                self.sizes[i] = _jpeg_size(encoded[k])
+                self.sizes[i] = encoded_size(encoded[k])
         keys = sample_keys(self.cfg.run.seed, self._epoch_of_pass, positions)
         top, left, h, w = rrc_windows(keys, self.sizes[idx, 0], self.sizes[idx, 1], self.rrc_scale()).T
         anchor = np.stack([left, top], 1).astype(np.float32)

@@ -7,6 +7,7 @@ shards are memory-mapped lazily in each process (safe under fork/spawn of loader
 """
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 from pathlib import Path
@@ -94,3 +95,11 @@ class ShardReader:
         state = dict(self.__dict__)
         state["_maps"], state["_pid"] = {}, -1
         return state
+
+
+def encoded_size(encoded: np.ndarray) -> Tuple[int, int]:
+    """(height, width) of an encoded image (a sample's bytes), read from its header without decoding."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(encoded.tobytes())) as im:
+        return im.height, im.width
