@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 
 from kernels.bal_bce_op import bal_bce
-from kernels.launch import LAUNCHES, PASSES, kernel_available
+from kernels.launch import LAUNCHES, PASSES, interpreter_enabled, kernel_available
 
 _COUNT_SNIPPET = """
 import json, sys, torch
@@ -36,7 +36,10 @@ def counts_per_call(c: int, dtype: torch.dtype, device: torch.device, n: int = 8
 
     Where the kernel runs in this process (CUDA, or the interpreter) it is counted here; otherwise in a child process
     under ``TRITON_INTERPRET=1`` on CPU tensors (the launch sites are the same; the count does not depend on N)."""
-    if kernel_available(device)[0]:
+    available, why = kernel_available(device)
+    if not available and interpreter_enabled():  # the interpreter is on and still cannot run it: a child would not
+        raise RuntimeError(f"cannot count the kernel's launches: {why}")
+    if available:
         z = torch.randn(n, c, device=device).to(dtype).requires_grad_(True)
         labels = torch.randint(0, c, (n,), device=device)
         launches, passes = dict(LAUNCHES), dict(PASSES)

@@ -211,3 +211,22 @@ def test_bench_loss_times_the_backward_the_training_loop_runs():
         grad = step()
         assert {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v - before.get(k, 0)} == {"bal_bce": 1}
         assert rel(grad, ref_grad) <= 1e-6
+
+
+def test_launch_count_says_why_when_the_interpreter_cannot_run_the_kernel(monkeypatch):
+    """Under TRITON_INTERPRET=1 with an interpreter that cannot run the kernel (triton 3.6 with numpy >= 2.4), the
+    count is refused with the reason at once — no child process (which would face the same interpreter)."""
+    import subprocess
+
+    import kernels.launch as launch
+    import kernels.launch_count as launch_count
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(launch, "interpreter_problem", lambda: "the interpreter cannot run it (probe)")
+
+    def no_child(*args, **kwargs):
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    with pytest.raises(RuntimeError, match="cannot run it \\(probe\\)"):
+        launch_count.counts_per_call(64, torch.float32, torch.device("cpu"))
