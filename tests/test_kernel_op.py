@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch._dynamo
 
-from kernels.bal_bce import interpreter_enabled
-from kernels.bal_bce_op import bal_bce, torch_loss_and_grad
-from kernels.launch import LAUNCHES, PASSES
-from kernels.reference import bal_bce_reference, soft_target
+from fastlivt.kernels.bal_bce import interpreter_enabled
+from fastlivt.kernels.bal_bce_op import bal_bce, torch_loss_and_grad
+from fastlivt.kernels.launch import LAUNCHES, PASSES
+from fastlivt.kernels.reference import bal_bce_reference, soft_target
 
 needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
 
