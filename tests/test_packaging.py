@@ -53,7 +53,8 @@ def _dummy_wheel(out: Path, dist: str, package: str) -> Path:
     """A one-package wheel of another distribution that owns the top-level ``package``."""
     files = {f"{package}/__init__.py": f"OWNER = {dist!r}\n",
              f"{dist}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n",
-             f"{dist}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{dist}-1.0.dist-info/WHEEL":
+                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
               f"{len(text.encode())}" for name, text in files.items()]
     files[f"{dist}-1.0.dist-info/RECORD"] = "\n".join(record + [f"{dist}-1.0.dist-info/RECORD,,"]) + "\n"
@@ -100,7 +101,8 @@ def built(tmp_path_factory):
     wheels = tmp / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, src], cwd=tmp)
     (wheel,) = wheels.glob("fastlivt-*.whl")
-    return src, wheel, [_dummy_wheel(wheels, "other_kernels", "kernels"), _dummy_wheel(wheels, "other_prep", "data_prep")]
+    others = [_dummy_wheel(wheels, "other_kernels", "kernels"), _dummy_wheel(wheels, "other_prep", "data_prep")]
+    return src, wheel, others
 
 
 def test_wheel_holds_one_top_level_package_with_kernels_and_data_prep_as_real_files(built):
@@ -127,7 +129,8 @@ def test_wheel_installs_beside_distributions_owning_kernels_and_data_prep(built,
     (their_init,) = theirs
     before = their_init.read_bytes()
     log = _install(python, wheel, cwd=tmp_path)
-    assert not re.search(r"(?i)overwrit|clobber|conflict|warning", log), log
+    assert not re.search(r"(?i)overwrit|clobber|conflict|already exists", log), log
+    # pip installs over another distribution's files without a word: the RECORDs and their file are the proof
     records = _records(python, tmp_path)
     ours = records["fastlivt"]
     for other in ("other_kernels", "other_prep"):
@@ -167,14 +170,15 @@ def _old_names(path: Path) -> List[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:
             names = [node.module or ""]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"\w+[.:][\w.:]+", node.value):
-            names = [node.value]  # a dotted name for importlib, monkeypatch or a "module:attribute" table
+        elif isinstance(node, ast.Constant) and re.fullmatch(r"[A-Za-z_]\w*[.:][\w.:]+", str(node.value)):
+            names = [str(node.value)]  # a dotted name for importlib, monkeypatch or a "module:attribute" table
         elif isinstance(node, (ast.List, ast.Tuple, ast.Call)):  # ["-m", "data_prep"], f(..., module="data_prep")
             items = node.elts if not isinstance(node, ast.Call) else [*node.args, *[k.value for k in node.keywords]]
             words = [i.value if isinstance(i, ast.Constant) else None for i in items]
             names = [str(w) for prev, w in zip([None, *words], words) if prev == "-m"]
             if isinstance(node, ast.Call):
-                names += [str(k.value.value) for k in node.keywords if k.arg == "module" and isinstance(k.value, ast.Constant)]
+                names += [str(k.value.value) for k in node.keywords
+                          if k.arg == "module" and isinstance(k.value, ast.Constant)]
         found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if re.split(r"[.:]", n)[0] in MOVED]
     return found
 
@@ -184,7 +188,8 @@ def test_nothing_imports_the_old_top_level_names():
     assert any(p.parts[-3:] == ("fastlivt", "kernels", "bal_bce_op.py") for p in files)  # the links are followed
     bad = [line for path in files for line in _old_names(path)]
     assert not bad, "import these as fastlivt.kernels / fastlivt.data_prep: " + "; ".join(bad)
-    shell = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / "README.md"]
+    texts = [*sorted((ROOT / "scripts").glob("*.sh")), ROOT / "README.md"]
+    shell = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in texts
              for m in re.finditer(r"(?m)(-m|\bimport|\bfrom) (kernels|data_prep)\b", p.read_text())]
     assert not shell, shell
 
@@ -192,7 +197,8 @@ def test_nothing_imports_the_old_top_level_names():
 def test_the_detector_sees_an_old_name(tmp_path, monkeypatch):
     planted = tmp_path / "planted.py"
     planted.write_text("import os\nfrom data_prep.atomic import write_json_atomic\nPATCH = 'kernels.launch.LAUNCHES'\n"
-                       "from fastlivt.kernels import launch\nTEXT = 'the kernels.'\nCMD = ['python', '-m', 'data_prep']\n"
+                       "from fastlivt.kernels import launch\nTEXT = 'the kernels.'\n"
+                       "CMD = ['python', '-m', 'data_prep']\n"
                        "run(module='kernels', name='kernels')\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert _old_names(planted) == ["planted.py:2: data_prep.atomic", "planted.py:3: kernels.launch.LAUNCHES",
