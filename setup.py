@@ -1,8 +1,8 @@
 """fastlivt: LiVT (MGP + Balanced Fine-Tuning) for Vision Transformers on long-tailed data, built for throughput."""
 from setuptools import find_packages, setup
 
-# Every distribution that a module of fastlivt, kernels or data_prep imports is declared here or in an extra
-# (tests/test_dependencies.py checks the import closure against these lists).
+# Every distribution that a module of fastlivt (fastlivt.kernels and fastlivt.data_prep included) imports is
+# declared here or in an extra (tests/test_dependencies.py checks the import closure against these lists).
 install_requires = [
     # torch is not pinned here: GPU servers bring their own CUDA build (2.11 is supported). On the 2-core CPU
     # development/CI machines scripts/install.sh pins torch==2.14.1 + torchvision==0.29.1, because torch 2.13.0+cpu
@@ -16,7 +16,7 @@ install_requires = [
     # timm 1.0.31 RandAugment posterize asks for 0 bits at the top magnitude of rand-m9-mstd0.5-inc1; Pillow 13
     # rejects that ("bits must be between or equal to 1 and 8"), Pillow 12 posterizes to black as timm expects.
     "pillow>=10,<13",
-    "pydantic>=2",  # data_prep.config validates the config dataclasses with it
+    "pydantic>=2",  # fastlivt.data_prep.config validates the config dataclasses with it
     "pyyaml",
     "tqdm",
     "matplotlib",
@@ -42,7 +42,9 @@ setup(
     version="0.1.0",
     description="High-throughput LiVT (masked generative pretraining + Balanced BCE fine-tuning) for ViTs on long-tailed data",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastlivt", "fastlivt.*", "kernels", "kernels.*", "data_prep", "data_prep.*"]),
+    # One top-level name: kernels/ and data_prep/ are the packages fastlivt.kernels and fastlivt.data_prep (through the
+    # links fastlivt/kernels and fastlivt/data_prep, which find_packages follows and the wheel holds as real files).
+    packages=find_packages(include=["fastlivt", "fastlivt.*"]),
     install_requires=install_requires,
     extras_require=extras_require,
     entry_points={"console_scripts": ["fastlivt=fastlivt.cli:main"]},

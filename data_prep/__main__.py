@@ -1,6 +1,6 @@
-"""``python -m data_prep`` is ``fastlivt convert``."""
+"""``python -m fastlivt.data_prep`` is ``fastlivt convert``."""
 import sys
 
-from data_prep.cli import run_as_program
+from fastlivt.data_prep.cli import run_as_program
 
 sys.exit(run_as_program())

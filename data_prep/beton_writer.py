@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from data_prep.writers import StagedImages
+from fastlivt.data_prep.writers import StagedImages
 
 
 class _Guarded:

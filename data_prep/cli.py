@@ -1,4 +1,4 @@
-"""``fastlivt convert`` (also ``python -m data_prep``): the one-time conversion of a dataset to FFCV and DALI formats.
+"""``fastlivt convert`` (also ``python -m fastlivt.data_prep``): the one-time conversion of a dataset to FFCV and DALI formats.
 
 ::
 
@@ -12,7 +12,7 @@ Settings come from the ConvertConfig defaults, then ``--config FILE``, then ``ke
 A user's mistake (:data:`USER_ERRORS`: a bad key or value, a missing config, list or source root) is one line
 ``fastlivt: error: ...`` on stderr and exit status 2, without a traceback (``--debug`` or ``FASTLIVT_DEBUG=1`` shows
 it): :func:`main` raises it for the ``fastlivt`` command to report, :func:`run_as_program` reports it the same way for
-``python -m data_prep``. A conversion that fails (a bad input under ``--on-error fail``, nothing convertible, a
+``python -m fastlivt.data_prep``. A conversion that fails (a bad input under ``--on-error fail``, nothing convertible, a
 writer that died) is ``fastlivt convert: error: ...`` and exit status 1.
 """
 from __future__ import annotations
@@ -24,13 +24,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from data_prep.atomic import DiskFullError
-from data_prep.config import ConfigError, ConvertConfig, load_config
-from data_prep.convert import ConversionError, convert
-from data_prep.log_handler import install_stderr_handler
-from data_prep.manifest import Manifest, shot_groups
-from data_prep.sources import SOURCES, SourceError
-from data_prep.verify import verify
+from fastlivt.data_prep.atomic import DiskFullError
+from fastlivt.data_prep.config import ConfigError, ConvertConfig, load_config
+from fastlivt.data_prep.convert import ConversionError, convert
+from fastlivt.data_prep.log_handler import install_stderr_handler
+from fastlivt.data_prep.manifest import Manifest, shot_groups
+from fastlivt.data_prep.sources import SOURCES, SourceError
+from fastlivt.data_prep.verify import verify
 
 
 UNSET = object()  # default of flags whose value may be None
@@ -137,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def run_as_program(argv: Optional[List[str]] = None) -> int:
-    """``python -m data_prep``: :func:`main`, a user's mistake reported as ``fastlivt convert`` reports it."""
+    """``python -m fastlivt.data_prep``: :func:`main`, a user's mistake reported as ``fastlivt convert`` reports it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:

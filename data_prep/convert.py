@@ -23,14 +23,14 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from data_prep.beton_writer import write_beton
-from data_prep.atomic import DiskFullError, is_disk_full
-from data_prep.config import ConfigError, ConvertConfig
-from data_prep.decode import DecodeJob, WorkerDied, decode_all
-from data_prep.longtail import select_longtail
-from data_prep.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
-from data_prep.sources import SOURCES, Source, open_source
-from data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name
+from fastlivt.data_prep.beton_writer import write_beton
+from fastlivt.data_prep.atomic import DiskFullError, is_disk_full
+from fastlivt.data_prep.config import ConfigError, ConvertConfig
+from fastlivt.data_prep.decode import DecodeJob, WorkerDied, decode_all
+from fastlivt.data_prep.longtail import select_longtail
+from fastlivt.data_prep.manifest import LABELS_NAME, MANIFEST_NAME, Manifest, sha256_file
+from fastlivt.data_prep.sources import SOURCES, Source, open_source
+from fastlivt.data_prep.writers import TMP_SUFFIX, ShardWriter, StagedImages, beton_name
 
 log = logging.getLogger("fastlivt.data_prep.convert")
 

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_prep.sources import Source
+from fastlivt.data_prep.sources import Source
 
 EXIF_ORIENTATION = 0x0112
 

@@ -1,7 +1,7 @@
 """The project's one log handler: every logger is named ``fastlivt.<module>`` and writes through a stderr handler on
 the ``fastlivt`` logger (``[HH:MM:SS LEVEL name] message``; at rank > 0 warnings only).
 
-``data_prep`` modules log through the standard library (``logging.getLogger("fastlivt.data_prep.<module>")``);
+``fastlivt.data_prep`` modules log through the standard library (``logging.getLogger("fastlivt.data_prep.<module>")``);
 :func:`install_stderr_handler` is called by the ``fastlivt`` logger factory (:func:`fastlivt.logs.get_logger`) and by
 ``fastlivt convert``, whichever comes first in a process.
 """

@@ -1,4 +1,4 @@
-"""A synthetic image folder for measuring conversion speed: ``python -m data_prep.synthetic OUT --images N --size S``.
+"""A synthetic image folder for measuring conversion speed: ``python -m fastlivt.data_prep.synthetic OUT --images N --size S``.
 
 Writes ``OUT/class_XX/img_XXXXX.jpg``: ``N`` RGB JPEGs (quality 90) whose longest side is ``S`` pixels (the other
 side ``3S/4``, alternating landscape and portrait), with smooth random content so that JPEG sizes are realistic,
@@ -38,7 +38,7 @@ def write_folder(out: Path, images: int, size: int, classes: int = 10, seed: int
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.synthetic", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fastlivt.data_prep.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
     p.add_argument("--images", type=int, default=200)
     p.add_argument("--size", type=int, default=500, help="longest side in pixels")

@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from data_prep.manifest import LABELS_NAME, ManifestError, load_manifest, sha256_file
+from fastlivt.data_prep.manifest import LABELS_NAME, ManifestError, load_manifest, sha256_file
 
 
 def verify(directory: str | Path, threads: int = 4) -> Tuple[List[str], int]:

@@ -5,7 +5,7 @@
   each shard gets the ``.idx`` index of DALI's own ``wds2idx`` (``fn.readers.webdataset(index_paths=...)``). Members are
   written exactly as Python's tarfile writes them (USTAR, fixed metadata), without its per-member overhead.
 * FFCV: a ``.beton`` written by FFCV's ``DatasetWriter`` (fields ``image``: RGBImageField, ``label``: IntField)
-  from the pixels the decode pool staged, row ``i`` = written sample ``i``, by :mod:`data_prep.beton_writer`.
+  from the pixels the decode pool staged, row ``i`` = written sample ``i``, by :mod:`fastlivt.data_prep.beton_writer`.
 """
 from __future__ import annotations
 

@@ -19,12 +19,12 @@ from typing import List, Optional
 # imported (an exception of a class whose module was never imported cannot have been raised), so the CLI imports
 # none of them itself.
 USER_ERRORS = (
-    "data_prep.config:ConfigError",  # unknown key, wrong type, value outside its choices, config file not found
-    "data_prep.manifest:ManifestError",  # data.train/data.val/--data without a (valid) converted split
+    "fastlivt.data_prep.config:ConfigError",  # unknown key, wrong type, value outside its choices, config file not found
+    "fastlivt.data_prep.manifest:ManifestError",  # data.train/data.val/--data without a (valid) converted split
     "fastlivt.models.vit:EncoderLoadError",  # model.init missing or not an encoder export that fits
     "fastlivt.models.attention:AttentionBackendError",  # model.attention=xformers where it cannot run
-    "data_prep.sources:SourceError",  # a dataset source that cannot be listed
-    "data_prep.atomic:DiskFullError",  # a write that ran out of space (names the file and the free space)
+    "fastlivt.data_prep.sources:SourceError",  # a dataset source that cannot be listed
+    "fastlivt.data_prep.atomic:DiskFullError",  # a write that ran out of space (names the file and the free space)
     "fastlivt.engine.run_lock:RunDirBusyError",  # run.out owned by another live run
     "fastlivt.engine.nonfinite:NonFiniteError",  # a run stopped on a NaN/inf loss or gradient (names the last good checkpoint)
     "builtins:FileNotFoundError",  # a missing input: --checkpoint, --resume without a checkpoint, a DeepSpeed JSON
@@ -44,7 +44,7 @@ def is_user_error(exc: BaseException) -> bool:
     return False
 
 COMMANDS = {
-    "convert": ("data_prep.cli", "one-time conversion of a dataset to FFCV (.beton) and DALI (webdataset) formats"),
+    "convert": ("fastlivt.data_prep.cli", "one-time conversion of a dataset to FFCV (.beton) and DALI (webdataset) formats"),
     "pretrain": ("fastlivt.engine.pretrain", "stage 1: masked generative pretraining (MGP)"),
     "finetune": ("fastlivt.engine.finetune", "stage 2: balanced fine-tuning (BFT)"),
     "evaluate": ("fastlivt.engine.evaluate", "top-1, many/medium/few, ECE/MCE of a checkpoint"),

@@ -1,8 +1,8 @@
-"""The training configuration: one :func:`~data_prep.config.section` per part of a run, gathered in
+"""The training configuration: one :func:`~fastlivt.data_prep.config.section` per part of a run, gathered in
 :class:`TrainConfig`.
 
 Loading (YAML with ``_base_`` inheritance, then ``key=value`` overrides) and checking are
-:mod:`data_prep.config`'s: an unknown key, a value of the wrong type or a choice outside its ``Literal`` is a
+:mod:`fastlivt.data_prep.config`'s: an unknown key, a value of the wrong type or a choice outside its ``Literal`` is a
 :class:`ConfigError` that names the dotted key (``optim.lr: expected float, got 'fast'``; ``loss.name: expected one
 of ce, bce, bal_ce, bal_bce, got 'focal'``), raised when the config is loaded, before any data is touched.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
-from data_prep.config import ConfigError, from_dict, load_config, save_config, section, to_dict
+from fastlivt.data_prep.config import ConfigError, from_dict, load_config, save_config, section, to_dict
 
 __all__ = ["check_combinations", "ConfigError", "DataConfig", "LossConfig", "ModelConfig", "OptimConfig", "RunConfig", "TrainConfig",
            "from_dict", "load_config", "save_config", "to_dict"]

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from data_prep.atomic import atomic_path, write_text_atomic
+from fastlivt.data_prep.atomic import atomic_path, write_text_atomic
 from fastlivt.demo_results import (Results, aggregate, per_class_accuracy, per_seed_table, plot_results,
                                    results_table, summary_table)
 from fastlivt.logs import get_logger
@@ -61,7 +61,7 @@ def write_proxy_source(out: Path, seed: int = 1) -> Path:
 
     import numpy as np
 
-    from data_prep.sources import read_fmnist
+    from fastlivt.data_prep.sources import read_fmnist
 
     src = read_fmnist(Path(FMNIST), "train")
     labels = np.asarray(src.labels)
@@ -79,10 +79,10 @@ def write_proxy_source(out: Path, seed: int = 1) -> Path:
 
 def convert_split(split: str, out: Path, imbalance: Optional[float], root: str = FMNIST) -> Any:
     """Convert once; reuse an existing conversion whose files still match the manifest's hashes."""
-    from data_prep.config import ConvertConfig
-    from data_prep.convert import convert
-    from data_prep.manifest import load_manifest
-    from data_prep.verify import verify
+    from fastlivt.data_prep.config import ConvertConfig
+    from fastlivt.data_prep.convert import convert
+    from fastlivt.data_prep.manifest import load_manifest
+    from fastlivt.data_prep.verify import verify
 
     if (out / "manifest.json").is_file():
         problems, _ = verify(out)

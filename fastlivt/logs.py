@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from data_prep.log_handler import ROOT_LOGGER, install_stderr_handler
+from fastlivt.data_prep.log_handler import ROOT_LOGGER, install_stderr_handler
 
 
 def get_logger(name: str = ROOT_LOGGER) -> logging.Logger:

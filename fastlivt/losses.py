@@ -13,7 +13,7 @@ The BCE losses sum over classes and average over the batch — the official LiVT
 ``BinaryCrossEntropy(sum_classes=True)``. The CE losses average over the batch. Targets are hard labels (long [N]),
 dense soft targets (float [N, C]) or a :class:`fastlivt.targets.MixTarget` (the compact mixup form).
 
-BCE losses run through the fused Triton kernel (:mod:`kernels.bal_bce`) on CUDA and under ``TRITON_INTERPRET=1``, and
+BCE losses run through the fused Triton kernel (:mod:`fastlivt.kernels.bal_bce`) on CUDA and under ``TRITON_INTERPRET=1``, and
 through PyTorch's ``binary_cross_entropy_with_logits`` otherwise (``fused="auto"``); the choice is logged once per
 backend and exposed as ``loss.backend``.
 """
@@ -114,7 +114,7 @@ class LongTailLoss(nn.Module):
     take if CUDA is available, else CPU logits). The bias only ever enters the loss; nothing here changes logits.
     ``grad_scale``: the gradient the loss's backward receives — the weight the training runtime gives each
     micro-batch's loss (1 / accumulation steps). The fused path writes its gradient already so weighted, in the
-    forward's single pass (:mod:`kernels.bal_bce_op`); the PyTorch paths take the weight from autograd as usual.
+    forward's single pass (:mod:`fastlivt.kernels.bal_bce_op`); the PyTorch paths take the weight from autograd as usual.
     """
 
     def __init__(self, name: str, bias: Optional[torch.Tensor], num_classes: int, tau: float, fused: str,
@@ -141,7 +141,7 @@ class LongTailLoss(nn.Module):
             return "torch", "softmax losses have no fused kernel"
         if self.fused == "torch":
             return "torch", "fused='torch' asked for"
-        from kernels.launch import kernel_available  # imports triton
+        from fastlivt.kernels.launch import kernel_available  # imports triton
 
         ok, why = kernel_available(device)
         if ok:
@@ -175,7 +175,7 @@ class LongTailLoss(nn.Module):
 
     # ------------------------------------------------------------------------------------------- paths
     def _fused(self, logits: torch.Tensor, target: Target, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        from kernels.bal_bce_op import bal_bce
+        from fastlivt.kernels.bal_bce_op import bal_bce
 
         if isinstance(target, MixTarget):
             return bal_bce(logits, bias, label_a=target.label_a, label_b=target.label_b, lam=target.lam,

@@ -3,7 +3,7 @@
 Conventions (as in LiVT's evaluation):
 - Accuracies and calibration errors are percentages (0–100).
 - ``overall`` is plain top-1 over samples; the groups (from the *training* class counts, via
-  :func:`data_prep.manifest.shot_groups`: many > 100, medium 20–100, few < 20 images) report the mean of per-class
+  :func:`fastlivt.data_prep.manifest.shot_groups`: many > 100, medium 20–100, few < 20 images) report the mean of per-class
   accuracies over the group's classes that have test samples. A group without such classes is ``None``, never NaN.
 - Confidence is the top softmax probability of the raw logits (the training bias is never applied), or the top
   sigmoid probability with ``confidence="sigmoid"``.
@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from data_prep.atomic import atomic_path, write_json_atomic
-from data_prep.manifest import shot_groups
+from fastlivt.data_prep.atomic import atomic_path, write_json_atomic
+from fastlivt.data_prep.manifest import shot_groups
 
 ArrayLike = Union[np.ndarray, torch.Tensor, Sequence]
 GROUPS = ("many", "medium", "few")

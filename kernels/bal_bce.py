@@ -23,7 +23,7 @@ flash-attention do for the label logit. The loss keeps its linear part Σ max(x,
 that subtraction, so confident logits (loss ≈ e^-margin) keep their relative accuracy. A dense-target variant reads y.
 
 The gradient is written only when asked (``write_grad``), multiplied by ``grad_scale`` (a number: the gradient the
-loss's backward will receive, see :mod:`kernels.bal_bce_op`), so that the backward hands it on without another pass. The
+loss's backward will receive, see :mod:`fastlivt.kernels.bal_bce_op`), so that the backward hands it on without another pass. The
 scalar loss needs no second kernel: each program stores its partial sum, bumps a counter (acq_rel), and the last
 program adds the partials in a fixed order (deterministic) and resets the counter (ATen's last-block reduction). A label
 outside [0, C) makes the loss NaN (a host check would synchronise).
@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import (ACC_TL, interpreter_enabled, kernel_available, launch_args, launch_config, record_launch,
+from fastlivt.kernels.launch import (ACC_TL, interpreter_enabled, kernel_available, launch_args, launch_config, record_launch,
                             use_asm)
 
 __all__ = ["bal_bce_forward", "kernel_available", "interpreter_enabled", "launch_config", "use_asm"]
@@ -267,7 +267,7 @@ def bal_bce_forward(
     the gradient (returns None); ``grad_scale``: the number the gradient is multiplied by (besides 1/N). ``fast``:
     the approximate-math path (None: on for bf16/fp16, see the module docstring). ``config``:
     (BLOCK, num_warps) to override :func:`launch_config`; ``rows``: rows per program (default
-    :func:`~kernels.launch.rows_per_program`). Returns the loss (fp32 scalar; fp64 for fp64 logits) and
+    :func:`~fastlivt.kernels.launch.rows_per_program`). Returns the loss (fp32 scalar; fp64 for fp64 logits) and
     the gradient.
     """
     args, constexprs, grid, num_warps, keep = launch_args(logits, bias, label_a, label_b, lam, smoothing, target,

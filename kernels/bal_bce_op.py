@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.bal_bce import bal_bce_forward
-from kernels.launch import kernel_available
+from fastlivt.kernels.bal_bce import bal_bce_forward
+from fastlivt.kernels.launch import kernel_available
 
 OP_NAME = "fastlivt::bal_bce"
 SCALE_MISMATCH = ("fastlivt::bal_bce: the incoming gradient differs from grad_scale (the gradient its forward wrote "
@@ -111,7 +111,7 @@ def bal_bce(
     config: Optional[Tuple[int, int]] = None,
     grad_scale: float = 1.0,
 ) -> Tensor:
-    """The differentiable fused loss: Σ_c BCE(logits + bias, y) averaged over the batch (see :mod:`kernels.bal_bce`).
+    """The differentiable fused loss: Σ_c BCE(logits + bias, y) averaged over the batch (see :mod:`fastlivt.kernels.bal_bce`).
 
     Give either a dense ``target`` [N, C] or ``label_a`` (and optionally ``label_b``, ``lam``, ``smoothing``);
     hard labels are ``label_a`` alone. Gradients flow to ``logits`` only. ``fast``: approximate PTX math (None: on

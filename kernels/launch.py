@@ -1,7 +1,7 @@
 """How the fused Bal-BCE kernel is launched: availability, layout, argument list, the launch counter.
 
 The argument list is built in one place (:func:`launch_args`) so that the real launch and the sm_90 compilation that
-``fastlivt bench loss`` disassembles (:mod:`kernels.sass`) use the same arguments, constexprs and layout.
+``fastlivt bench loss`` disassembles (:mod:`fastlivt.kernels.sass`) use the same arguments, constexprs and layout.
 """
 from __future__ import annotations
 

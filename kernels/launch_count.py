@@ -1,7 +1,7 @@
 """Kernel launches and whole [N, C] passes of one differentiable ``bal_bce`` call (forward + backward), by kernel.
 
-Counted at the launch sites (:data:`kernels.launch.LAUNCHES`, :data:`kernels.launch.PASSES`) around a call of
-:func:`kernels.bal_bce_op.bal_bce` with ``grad_scale = 1 / accum`` and ``(loss / accum).backward()`` — the training
+Counted at the launch sites (:data:`fastlivt.kernels.launch.LAUNCHES`, :data:`fastlivt.kernels.launch.PASSES`) around a call of
+:func:`fastlivt.kernels.bal_bce_op.bal_bce` with ``grad_scale = 1 / accum`` and ``(loss / accum).backward()`` — the training
 runtime's backward; ``fastlivt bench loss`` reports them per call.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ from typing import Dict
 
 import torch
 
-from kernels.bal_bce_op import bal_bce
-from kernels.launch import LAUNCHES, PASSES, interpreter_enabled, kernel_available
+from fastlivt.kernels.bal_bce_op import bal_bce
+from fastlivt.kernels.launch import LAUNCHES, PASSES, interpreter_enabled, kernel_available
 
 _COUNT_SNIPPET = """
 import json, sys, torch
-from kernels.launch_count import counts_per_call
+from fastlivt.kernels.launch_count import counts_per_call
 n, c, dtype, accum = int(sys.argv[1]), int(sys.argv[2]), getattr(torch, sys.argv[3]), int(sys.argv[4])
 print(json.dumps(counts_per_call(c, dtype, torch.device("cpu"), n, accum)))
 """

@@ -1,7 +1,7 @@
 """Read what the fused Bal-BCE kernel compiles to on sm_90 — on any machine, GPU or not.
 
 Triton compiles for ``GPUTarget("cuda", 90, 32)`` without a GPU, and ships ``nvdisasm``. The argument list, constexprs,
-layout and divisibility are those of the real launch (:func:`kernels.launch.launch_args` on meta tensors, specialised
+layout and divisibility are those of the real launch (:func:`fastlivt.kernels.launch.launch_args` on meta tensors, specialised
 as Triton's launcher specialises a real CUDA launch: 16-aligned pointers, integers divisible by 16, integers equal to 1).
 From the SASS: the steady-state loop (the body between a label and the backward ``BRA`` to it that holds the logit loads),
 its instruction count per logit (loop instructions / logits each thread handles per iteration), and the bit width of the
@@ -68,8 +68,8 @@ def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import bal_bce
-    from kernels.launch import launch_args, launch_config, use_asm
+    from fastlivt.kernels import bal_bce
+    from fastlivt.kernels.launch import launch_args, launch_config, use_asm
 
     meta = torch.device("meta")
     logits = torch.empty(n, c, dtype=dtype, device=meta)
@@ -81,7 +81,7 @@ def compile_sm90(n: int, c: int, dtype: torch.dtype, hard_labels: bool = False, 
         length = ((rows * cc + g + 15) // 16) * 16
         return torch.empty(g, length, dtype=torch.float32, device=meta), length
 
-    import kernels.launch as launch
+    import fastlivt.kernels.launch as launch
 
     saved_check, saved_counter = launch.check_inputs, launch.counter_for
     launch.check_inputs = lambda *a: None  # meta tensors: nothing to check, no device counter
@@ -173,7 +173,7 @@ def sm90_figures(n: int, c: int, dtype: torch.dtype, **kw) -> Dict[str, object]:
 
     Under ``TRITON_INTERPRET=1`` kernels are interpreted functions that do not compile: then a child process without
     it does the compilation."""
-    from kernels.launch import interpreter_enabled
+    from fastlivt.kernels.launch import interpreter_enabled
 
     if interpreter_enabled():
         import json
@@ -181,7 +181,7 @@ def sm90_figures(n: int, c: int, dtype: torch.dtype, **kw) -> Dict[str, object]:
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-        code = ("import json, sys, torch; from kernels.sass import sm90_figures; a = json.loads(sys.argv[1]); "
+        code = ("import json, sys, torch; from fastlivt.kernels.sass import sm90_figures; a = json.loads(sys.argv[1]); "
                 "print(json.dumps(sm90_figures(a['n'], a['c'], getattr(torch, a['dtype']), **a['kw'])))")
         spec = json.dumps({"n": n, "c": c, "dtype": str(dtype).replace("torch.", ""), "kw": kw})
         out = subprocess.run([sys.executable, "-c", code, spec], env=env, capture_output=True, text=True, timeout=600)

@@ -15,7 +15,7 @@ BASE_PY=${GPU_TWIN_PYTHON:-$(command -v python3.12 || echo /root/.pyenv/versions
 OUT=${OUT:-runs/gpu_twin}
 WHEELS=${GPU_WHEELS:-.gpu_wheels}
 # The image's releases (torch pins its own triton: 3.6.0 for 2.11.0); pillow<13 as setup.py asks. With numpy >= 2.4
-# triton 3.6's interpreter cannot run the Bal-BCE kernel (kernels.launch.interpreter_problem): the dry run's kernel
+# triton 3.6's interpreter cannot run the Bal-BCE kernel (fastlivt.kernels.launch.interpreter_problem): the dry run's kernel
 # tests skip with that reason and the CPU loss takes PyTorch (logged); on the GPU the kernel runs compiled.
 IMAGE_PACKAGES=(torch==2.11.0 torchvision==0.26.0 triton==3.6.0 timm numpy pyyaml safetensors tqdm "pillow<13"
                 matplotlib pytest pytest-timeout numba opencv-python-headless)

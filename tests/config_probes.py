@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from engine_doubles import MemoryLoader, write_manifest
-from data_prep.config import ConvertConfig
+from fastlivt.data_prep.config import ConvertConfig
 from fastlivt.config import TrainConfig, from_dict, to_dict
 
 CLASSES, COUNTS = 4, [8, 4, 2, 2]  # the tiny training set: 16 images, long-tailed
@@ -35,7 +35,7 @@ def describe(obj: Any, depth: int = 4, seen=None) -> Any:
         return (tuple(t.shape), str(t.dtype), round(float(t.double().sum()), 5) if t.numel() else 0)
     if isinstance(obj, (torch.device, torch.dtype, Path)):
         return str(obj)
-    if type(obj).__module__ in ("fastlivt.config", "data_prep.config"):  # a component must show what it made of its config, not hold it
+    if type(obj).__module__ in ("fastlivt.config", "fastlivt.data_prep.config"):  # a component must show what it made of its config, not hold it
         return "config"
     if depth == 0 or id(obj) in seen:
         return type(obj).__name__
@@ -84,7 +84,7 @@ def image_folder(root: Path, counts=(6, 4, 2)) -> Path:
 
 @guarded
 def convert_probe(cfg: ConvertConfig) -> Any:
-    from data_prep.convert import convert
+    from fastlivt.data_prep.convert import convert
 
     out = Path(cfg.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from data_prep.manifest import LABELS_NAME, Manifest
+from fastlivt.data_prep.manifest import LABELS_NAME, Manifest
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530

@@ -45,7 +45,7 @@ def fixture_cfg(out, max_steps: int) -> TrainConfig:
 
 def fixture_loaders(manifest_dir: Path, val_dir: Path):
     """The loader factory of the fixture's run: train on ``manifest_dir``'s manifest, validate on ``val_dir``'s."""
-    from data_prep.manifest import load_manifest
+    from fastlivt.data_prep.manifest import load_manifest
     from fastlivt.data.augment import BatchAugment
 
     x, y = fmnist_longtail("train", LT)

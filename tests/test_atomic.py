@@ -1,4 +1,4 @@
-"""data_prep.atomic: write-then-rename leaves either the old or the complete new file, never a partial one or a
+"""fastlivt.data_prep.atomic: write-then-rename leaves either the old or the complete new file, never a partial one or a
 temporary, also when processes or threads write the same path at once."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from unittest import mock
 
 import pytest
 
-from data_prep.atomic import (TMP_MARK, atomic_path, temporary_path, write_bytes_atomic, write_json_atomic,
+from fastlivt.data_prep.atomic import (TMP_MARK, atomic_path, temporary_path, write_bytes_atomic, write_json_atomic,
                               write_text_atomic)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +121,7 @@ def test_threads_writing_the_same_path_all_succeed_and_readers_never_see_a_parti
 
 _WRITER = """
 import sys, time
-from data_prep.atomic import write_bytes_atomic
+from fastlivt.data_prep.atomic import write_bytes_atomic
 path, byte, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.001)

@@ -57,7 +57,7 @@ def test_user_mistake_is_one_line_and_exit_2(args, message, tmp_path):
 
 
 def test_python_m_data_prep_reports_a_mistake_like_fastlivt_convert(tmp_path):
-    res = fastlivt("--config", CONVERT, "bogus_key=1", f"out={tmp_path}/o", module="data_prep")
+    res = fastlivt("--config", CONVERT, "bogus_key=1", f"out={tmp_path}/o", module="fastlivt.data_prep")
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.splitlines() == error_lines(res.stderr)
     assert len(error_lines(res.stderr)) == 1 and "unknown key bogus_key" in res.stderr
@@ -80,7 +80,7 @@ def test_debug_shows_the_traceback(how, command, error):
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback_of_python_m_data_prep(how):
     args = ["--config", CONVERT, "bogus_key=1"] + (["--debug"] if how == "flag" else [])
-    res = fastlivt(*args, env_extra={"FASTLIVT_DEBUG": "1"} if how == "env" else None, module="data_prep")
+    res = fastlivt(*args, env_extra={"FASTLIVT_DEBUG": "1"} if how == "env" else None, module="fastlivt.data_prep")
     assert res.returncode == 1
     assert "Traceback" in res.stderr and "ConfigError: unknown key bogus_key" in res.stderr
     assert not error_lines(res.stderr)

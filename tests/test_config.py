@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from data_prep.config import ConvertConfig
+from fastlivt.data_prep.config import ConvertConfig
 from fastlivt.config import ConfigError, TrainConfig, load_config, to_dict
 
 

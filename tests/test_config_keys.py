@@ -20,7 +20,7 @@ import torch
 
 from config_probes import (COUNTS, compile_probe, convert_probe, image_folder, loader_probe, model_probe, outcome_probe, run_probe, runtime_probe,
                            task_probe, tiny_train_config, with_keys, write_manifest)
-from data_prep.config import ConvertConfig
+from fastlivt.data_prep.config import ConvertConfig
 from fastlivt.config import TrainConfig
 
 # Keys that change no component and no result, each with the reason.
@@ -150,7 +150,7 @@ def test_every_key_has_a_check_or_a_reason():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    from data_prep.convert import convert
+    from fastlivt.data_prep.convert import convert
 
     tmp = tmp_path_factory.mktemp("keys")
     paths = {"tmp": str(tmp), "images": str(image_folder(tmp / "images")),

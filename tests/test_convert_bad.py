@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from convert_testdata import check_outputs, save_jpeg, save_png, smooth_image
-from data_prep.cli import main
-from data_prep.config import ConfigError
-from data_prep.sources import SourceError
+from fastlivt.data_prep.cli import main
+from fastlivt.data_prep.config import ConfigError
+from fastlivt.data_prep.sources import SourceError
 
 H, W = 20, 24
 
@@ -244,8 +244,8 @@ def test_a_crashing_decode_process_is_named_not_waited_for():
     import os
     import signal
 
-    from data_prep.decode import DecodeJob, WorkerDied, decode_all
-    from data_prep.sources import Source
+    from fastlivt.data_prep.decode import DecodeJob, WorkerDied, decode_all
+    from fastlivt.data_prep.sources import Source
 
     class Crashing(Source):
         def read(self, i):

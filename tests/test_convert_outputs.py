@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from convert_testdata import check_outputs, make_files, read_beton
-from data_prep.beton_writer import write_beton
-from data_prep.cli import main
-from data_prep.manifest import load_manifest
-from data_prep.sources import Source, SourceError
-from data_prep.writers import StagedImages
+from fastlivt.data_prep.beton_writer import write_beton
+from fastlivt.data_prep.cli import main
+from fastlivt.data_prep.manifest import load_manifest
+from fastlivt.data_prep.sources import Source, SourceError
+from fastlivt.data_prep.writers import StagedImages
 
 REPO = Path(__file__).resolve().parents[1]
 FINAL = re.compile(r"^(train\.beton|train-\d{5}\.(tar|idx)|labels\.npy|manifest\.json)$")
@@ -65,7 +65,7 @@ def test_proportion_mode_is_mixed_and_deterministic(tmp_path):
 def test_killed_conversion_leaves_nothing_finished(tmp_path):
     make_files(tmp_path / "raw", [60, 60], size=(128, 128))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_prep", "imagefolder", "--root", str(tmp_path / "raw"), "--out", str(out),
+    cmd = [sys.executable, "-m", "fastlivt.data_prep", "imagefolder", "--root", str(tmp_path / "raw"), "--out", str(out),
            "--formats", "ffcv,dali", "--shard-size", "5", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -181,7 +181,7 @@ def _hostile_process_state():
 def test_dead_writer_or_decoder_is_an_error_in_any_process_state(tmp_path):
     """FFCV's writer waits forever for a writer process that died, and a plain process pool for a dead decoder:
     each death must become an error naming it, every time, whatever else runs in the process."""
-    from data_prep.decode import DecodeJob, WorkerDied, decode_all
+    from fastlivt.data_prep.decode import DecodeJob, WorkerDied, decode_all
 
     n = 20
     args = ([], np.zeros(n, int), np.zeros(n, int), np.full((n, 2), 4), np.zeros(n, int))
@@ -224,8 +224,8 @@ def test_conversion_with_a_dying_writer_fails_and_leaves_nothing(tmp_path, monke
 _SLOW_WRITE = r"""
 import sys, time
 import numpy as np
-from data_prep.beton_writer import write_beton
-from data_prep.writers import StagedImages
+from fastlivt.data_prep.beton_writer import write_beton
+from fastlivt.data_prep.writers import StagedImages
 
 class Slow(StagedImages):
     def __getitem__(self, i):
@@ -287,7 +287,7 @@ def test_rerun_replaces_same_split_and_refuses_another(tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "o"), "--shard-size", "5"]) == 0  # fewer shards than before
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == [
         "labels.npy", "manifest.json", "train-00000.idx", "train-00000.tar"]
-    from data_prep.cli import run_as_program
+    from fastlivt.data_prep.cli import run_as_program
 
     assert run_as_program(base + ["--out", str(tmp_path / "o"), "--split", "val"]) == 2  # a user's mistake: exit 2
     err = capsys.readouterr().err

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from convert_testdata import (check_outputs, ldam_subset, make_cifar, make_files, make_fmnist, read_fmnist_idx)
-from data_prep.cli import main
-from data_prep.longtail import select_longtail
+from fastlivt.data_prep.cli import main
+from fastlivt.data_prep.longtail import select_longtail
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 REPO = Path(__file__).resolve().parents[1]

@@ -66,7 +66,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_table(tmp_path):
 def test_proxy_split_holds_out_training_images_only(tmp_path):
     import numpy as np
 
-    from data_prep.sources import read_fmnist
+    from fastlivt.data_prep.sources import read_fmnist
     from fastlivt.demo import PROXY_HOLDOUT, write_proxy_source
 
     root = write_proxy_source(tmp_path / "proxy")
@@ -92,7 +92,7 @@ def test_two_runs_write_one_proxy_source_at_once(tmp_path):
 
     import numpy as np
 
-    from data_prep.sources import read_fmnist
+    from fastlivt.data_prep.sources import read_fmnist
     from fastlivt.demo import write_proxy_source
 
     root = Path(__file__).resolve().parents[1]

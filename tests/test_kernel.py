@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce_forward, kernel_available
-from kernels.bal_bce_op import bal_bce
-from kernels.launch import launch_candidates
-from kernels.reference import bal_bce_reference, soft_target
+from fastlivt.kernels.bal_bce import bal_bce_forward, kernel_available
+from fastlivt.kernels.bal_bce_op import bal_bce
+from fastlivt.kernels.launch import launch_candidates
+from fastlivt.kernels.reference import bal_bce_reference, soft_target
 
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-9}
 
@@ -207,7 +207,7 @@ def test_kernel_availability_reasons(monkeypatch):
         bal_bce_forward(torch.zeros(2, 3), label_a=torch.zeros(2, dtype=torch.long), label_b=torch.zeros(2, dtype=torch.long))
     assert kernel_available(torch.device("cuda"))[0]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    from kernels.launch import interpreter_problem
+    from fastlivt.kernels.launch import interpreter_problem
 
     ok, why = kernel_available(torch.device("cpu"))
     assert ok == (interpreter_problem() == "")  # the interpreter runs it unless its probe fails (triton 3.6, numpy 2.4+)
@@ -237,7 +237,7 @@ def test_cuda_gradient_matches_finite_differences_in_float64():
 
 
 def test_an_interpreter_that_cannot_run_the_kernel_makes_it_unavailable_with_the_reason(monkeypatch):
-    import kernels.launch as launch
+    import fastlivt.kernels.launch as launch
     from fastlivt.config import LossConfig
     from fastlivt.losses import build_loss
 

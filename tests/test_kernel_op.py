@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch._dynamo
 
-from kernels.bal_bce import interpreter_enabled
-from kernels.bal_bce_op import bal_bce, torch_loss_and_grad
-from kernels.launch import LAUNCHES, PASSES
-from kernels.reference import bal_bce_reference, soft_target
+from fastlivt.kernels.bal_bce import interpreter_enabled
+from fastlivt.kernels.bal_bce_op import bal_bce, torch_loss_and_grad
+from fastlivt.kernels.launch import LAUNCHES, PASSES
+from fastlivt.kernels.reference import bal_bce_reference, soft_target
 
 needs_kernel = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest)")
 
@@ -218,8 +218,8 @@ def test_launch_count_says_why_when_the_interpreter_cannot_run_the_kernel(monkey
     count is refused with the reason at once — no child process (which would face the same interpreter)."""
     import subprocess
 
-    import kernels.launch as launch
-    import kernels.launch_count as launch_count
+    import fastlivt.kernels.launch as launch
+    import fastlivt.kernels.launch_count as launch_count
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(launch, "interpreter_problem", lambda: "the interpreter cannot run it (probe)")

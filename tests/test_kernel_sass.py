@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sass import access_bits, analyse, nvdisasm_path, sm90_figures
+from fastlivt.kernels.sass import access_bits, analyse, nvdisasm_path, sm90_figures
 
 needs_nvdisasm = pytest.mark.skipif(nvdisasm_path() is None, reason="nvdisasm not found")
 
@@ -47,7 +47,7 @@ def test_layout_and_math_change_what_the_reader_sees():
 
 
 def test_written_out_specialisation_rules_agree_with_triton():
-    from kernels.sass import _specialize, specialize_written_out
+    from fastlivt.kernels.sass import _specialize, specialize_written_out
 
     for value in (torch.empty(2, dtype=torch.bfloat16), torch.empty(2, dtype=torch.int64), 1, 16, 8160, 17, 2**33,
                   0.5, True):

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from kernels.bal_bce import bal_bce_forward, kernel_available
-from kernels.bal_bce_op import bal_bce
-from kernels.launch import LAUNCHES, PASSES, counter_for, default_fast, use_asm, vector_width
-from kernels.reference import bal_bce_reference, soft_target
+from fastlivt.kernels.bal_bce import bal_bce_forward, kernel_available
+from fastlivt.kernels.bal_bce_op import bal_bce
+from fastlivt.kernels.launch import LAUNCHES, PASSES, counter_for, default_fast, use_asm, vector_width
+from fastlivt.kernels.reference import bal_bce_reference, soft_target
 
 needs_kernel = pytest.mark.skipif(not kernel_available(torch.device("cpu"))[0],
                                   reason=f"the kernel cannot run on CPU here: {kernel_available(torch.device('cpu'))[1]}")

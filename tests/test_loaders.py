@@ -29,7 +29,7 @@ def _colour(gid: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory):
-    """An imagefolder of N identifiable JPEGs converted with ``python -m data_prep`` (ffcv + dali formats)."""
+    """An imagefolder of N identifiable JPEGs converted with ``python -m fastlivt.data_prep`` (ffcv + dali formats)."""
     root = tmp_path_factory.mktemp("lt")
     rng = np.random.default_rng(0)
     gid, gid_label = 0, []
@@ -43,7 +43,7 @@ def converted(tmp_path_factory):
             gid_label.append(c)
             gid += 1
     out = root / "out"
-    from data_prep.cli import main as convert
+    from fastlivt.data_prep.cli import main as convert
 
     assert convert(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(out),
                     "--workers", "1", "--shard-size", "40", "--no-progress"]) == 0

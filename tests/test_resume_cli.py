@@ -29,7 +29,7 @@ def split(tmp_path_factory):
         for k in range(n):
             h, w = rng.integers(14, 24, 2)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{k}.jpg")
-    from data_prep.cli import main
+    from fastlivt.data_prep.cli import main
 
     assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "data"),
                  "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0

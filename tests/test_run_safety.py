@@ -144,7 +144,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
 
 # --------------------------------------------------------------------------------------------------- full disk
 def test_enospc_anywhere_in_an_atomic_write_is_one_disk_full_error(tmp_path, monkeypatch):
-    from data_prep.atomic import DiskFullError, atomic_path, disk_full_guard, write_text_atomic
+    from fastlivt.data_prep.atomic import DiskFullError, atomic_path, disk_full_guard, write_text_atomic
 
     target = write_text_atomic(tmp_path / "a.txt", "old")
     with pytest.raises(DiskFullError) as err:
@@ -154,7 +154,7 @@ def test_enospc_anywhere_in_an_atomic_write_is_one_disk_full_error(tmp_path, mon
     assert str(err.value).startswith(f"disk full writing {target} (") and "free on its file system" in str(err.value)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
     with pytest.raises(DiskFullError):  # torch.save's wrapper of a short write, judged by the space left
-        monkeypatch.setattr("data_prep.atomic.free_bytes", lambda p: 1000)
+        monkeypatch.setattr("fastlivt.data_prep.atomic.free_bytes", lambda p: 1000)
         with atomic_path(target):
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4141312 vs 4141204")
     with pytest.raises(DiskFullError), disk_full_guard(tmp_path / "train.csv"):

@@ -30,7 +30,7 @@ def _train_cli(tmp: Path, data: Path, out: Path, *extra: str):
 @pytest.fixture(scope="module")
 def fmnist_like(tmp_path_factory):
     """A converted 28-px split (torch backend: no numba compile in each CLI process)."""
-    from data_prep.cli import main
+    from fastlivt.data_prep.cli import main
     from PIL import Image
 
     root = tmp_path_factory.mktemp("cli")

@@ -28,7 +28,7 @@ def split(tmp_path_factory):
             coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
             img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
-    from data_prep.cli import main
+    from fastlivt.data_prep.cli import main
 
     assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "out"),
                  "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0

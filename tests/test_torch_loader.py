@@ -16,7 +16,7 @@ from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from data_prep.manifest import load_manifest
+from fastlivt.data_prep.manifest import load_manifest
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_decode as dd
@@ -40,7 +40,7 @@ def _write_split(out, shard_size: int = 12):
     manifest.json without .idx files), so these tests need only torch, torchvision and Pillow."""
     import tarfile
 
-    from data_prep.manifest import Manifest
+    from fastlivt.data_prep.manifest import Manifest
 
     out.mkdir(parents=True)
     rng = np.random.default_rng(1)
@@ -79,7 +79,7 @@ def converted(tmp_path_factory):
         (root / "src" / f"c{c}").mkdir(parents=True)
         for k in range(n):
             Image.fromarray(_pattern(64 + k, 90 - k, 10 + c)).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
-    from data_prep.cli import main as convert
+    from fastlivt.data_prep.cli import main as convert
 
     out = root / "out"
     assert convert(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(out),

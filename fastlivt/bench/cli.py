@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from data_prep.atomic import write_text_atomic
+from fastlivt.data_prep.atomic import write_text_atomic
 
 PARTS = ["data", "attention", "model", "loss", "step", "compiled", "deepspeed"]
 

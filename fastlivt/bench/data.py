@@ -9,7 +9,7 @@ training step's images/s; it needs only torch and torchvision (no conversion, no
 
 Datasets (built with the converter in a temporary directory):
 
-* ``jpeg500``: synthetic ~500-px JPEGs (``data_prep.synthetic``), read at 224 px; FFCV in ``jpg`` and ``raw`` write
+* ``jpeg500``: synthetic ~500-px JPEGs (``fastlivt.data_prep.synthetic``), read at 224 px; FFCV in ``jpg`` and ``raw`` write
   modes (two conversions), DALI and torch from the jpg conversion's shards;
 * ``fmnist``: Fashion-MNIST (28 px, from the Debian package) read at 32 px: the Fashion-MNIST-LT training split
   (G = 100) in the full run, the first 1,024 training images in the quick one.
@@ -37,7 +37,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from data_prep.config import ConvertConfig
+from fastlivt.data_prep.config import ConvertConfig
 from fastlivt.bench.common import Row, device_name, sync, unavailable
 from fastlivt.bench.data_stage import attach_host_time, device_stage_rows, torch_host_seconds
 from fastlivt.config import TrainConfig, load_config
@@ -55,7 +55,7 @@ def _cpu_seconds() -> float:
 
 
 def _convert(out: Path, **fields) -> Path:
-    from data_prep.convert import convert
+    from fastlivt.data_prep.convert import convert
 
     convert(ConvertConfig(out=str(out), **fields), progress=False)
     return out
@@ -80,7 +80,7 @@ def _fmnist_subset_folder(out: Path, count: int) -> Path:
 
 def build_inputs(tmp: Path, quick: bool) -> Dict[str, Dict[str, object]]:
     """Converted datasets: name -> {'jpg': dir, 'raw': dir | None, 'size': output px, 'batch': batch size, 'note'}."""
-    from data_prep.synthetic import write_folder
+    from fastlivt.data_prep.synthetic import write_folder
 
     workers = 0  # decode in this process: the converter's fork pool can deadlock in a process that already has threads
     sets: Dict[str, Dict[str, object]] = {}

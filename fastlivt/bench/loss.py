@@ -4,7 +4,7 @@ Shapes: N = 1,024 rows, C ∈ {365 (Places-LT), 1,000 (ImageNet-LT), 8,142 (iNat
 is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form bias, τ = 1).
 
 - sass-sm90 (any machine, also ``--quick``): the kernel compiled for sm_90 exactly as the real launch at N = 1,024,
-  C = 8,142 bf16 would compile it, read from its SASS (:mod:`kernels.sass`): instructions per logit in the steady-state
+  C = 8,142 bf16 would compile it, read from its SASS (:mod:`fastlivt.kernels.sass`): instructions per logit in the steady-state
   loop, bit width of the logit loads and gradient stores, and the launches and whole N × C passes one forward +
   backward makes (counted at the launch sites; under ``TRITON_INTERPRET=1`` in a child process where no GPU is present);
 - every fwd+bwd row runs the backward exactly as the training loop does: ``(loss / accum).backward()`` (the runtime's
@@ -16,7 +16,7 @@ is a mixup target (λ = 0.7, smoothing 0.1) over a long-tailed prior (paper-form
   forward + backward as a user calls it;
 - triton kernel (one pass): the fused kernel alone (loss and gradient, no autograd), against the copy bandwidth;
 - copy: ``logits.clone()`` — the device's copy bandwidth at the same size, measured in the same run;
-- on CUDA at C = 8,142, the one-pass kernel again under every layout of :func:`kernels.launch.launch_candidates`.
+- on CUDA at C = 8,142, the one-pass kernel again under every layout of :func:`fastlivt.kernels.launch.launch_candidates`.
 
 GB/s counts 2·N·C·bytes(dtype): the logits read once and the gradient written once (bias, labels and the [N] partial
 sums are ignored; the eager path's fp32 temporaries and target are not counted, so its GB/s is an *effective* figure).
@@ -103,14 +103,14 @@ def sass_row(device: torch.device) -> Row:
     """What the kernel compiles to on sm_90 for N = 1,024, C = 8,142 bf16, and its launches per forward + backward."""
     shape, name = f"N={N} C={SWEEP_C}", "Bal-BCE kernel, steady-state loop (sm_90 SASS)"
     try:
-        from kernels.sass import sm90_figures
+        from fastlivt.kernels.sass import sm90_figures
 
         figures = sm90_figures(N, SWEEP_C, torch.bfloat16)
     except Exception as ex:  # reported, never silent
         return unavailable(PART, name, "sass-sm90", device, f"{type(ex).__name__}: {str(ex)[:200]}", shape=shape,
                            dtype="bfloat16")
     try:  # the launch records need the kernel to run (CUDA or the interpreter); the SASS does not
-        from kernels.launch_count import counts_per_call
+        from fastlivt.kernels.launch_count import counts_per_call
 
         counts = counts_per_call(SWEEP_C, torch.bfloat16, device)
         launch_figures = {"launches_per_call": sum(counts["launches"].values()), "launches_by_kernel": counts["launches"],
@@ -225,8 +225,8 @@ def _case(c: int, dtype: torch.dtype, device: torch.device, quick: bool, compile
             t_extra["wall_speedup_vs_compile"] = c_extra["wall_us"] / t_extra["wall_us"]
         rows.append(row(fb, "triton", t_med, t_sp, t_rep, t_extra, "eager", e_med / t_med))
 
-        from kernels.bal_bce import bal_bce_forward
-        from kernels.launch import launch_candidates, launch_config
+        from fastlivt.kernels.bal_bce import bal_bce_forward
+        from fastlivt.kernels.launch import launch_candidates, launch_config
 
         scaled = fused.scaled_bias
         k_med, k_sp, k_rep, k_extra = measure(lambda: bal_bce_forward(x, scaled, label_a=target.label_a,

@@ -31,8 +31,8 @@ PHASES = ("loader", "augment", "forward", "loss", "backward", "optimizer")
 
 def _demo_loader(tmp: Path, device: torch.device, batch: int):
     """Convert Fashion-MNIST-LT (ffcv raw) and return build_loader's train loader for the demo's BFT config."""
-    from data_prep.config import ConvertConfig
-    from data_prep.convert import convert
+    from fastlivt.data_prep.config import ConvertConfig
+    from fastlivt.data_prep.convert import convert
     from fastlivt.config import TrainConfig, load_config
     from fastlivt.data import build_loader
 

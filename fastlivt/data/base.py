@@ -26,7 +26,7 @@ from typing import Iterator, Optional, Tuple
 import numpy as np
 import torch
 
-from data_prep.manifest import load_manifest
+from fastlivt.data_prep.manifest import load_manifest
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.augment import BatchAugment, Normalize

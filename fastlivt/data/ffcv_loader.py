@@ -19,7 +19,7 @@ from typing import Iterator, Tuple
 import numpy as np
 import torch
 
-from data_prep.manifest import ManifestError
+from fastlivt.data_prep.manifest import ManifestError
 from fastlivt.data.base import EpochLoader
 from fastlivt.logs import get_logger
 

@@ -15,7 +15,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from data_prep.manifest import Manifest, ManifestError
+from fastlivt.data_prep.manifest import Manifest, ManifestError
 
 
 def _offsets_from_idx(path: Path, first: int, count: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from data_prep.manifest import MANIFEST_NAME, sha256_file
+from fastlivt.data_prep.manifest import MANIFEST_NAME, sha256_file
 from fastlivt.config import TrainConfig, save_config, to_dict
 from fastlivt.engine import checkpoint as ckpt
 from fastlivt.engine.checkpointer import Checkpointer, RandomStreams

@@ -37,7 +37,7 @@ from typing import Any, Dict
 import numpy as np
 import torch
 
-from data_prep.atomic import atomic_path
+from fastlivt.data_prep.atomic import atomic_path
 from fastlivt.engine.nonfinite import refuse_nonfinite
 from fastlivt.logs import get_logger
 

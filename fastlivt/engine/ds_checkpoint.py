@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from data_prep.atomic import write_text_atomic
+from fastlivt.data_prep.atomic import write_text_atomic
 from fastlivt.engine.checkpoint import META_FILE, safe_load
 from fastlivt.engine.nonfinite import NonFiniteError, first_nonfinite
 from fastlivt.logs import get_logger

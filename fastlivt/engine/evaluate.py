@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from data_prep.config import parse_override
-from data_prep.manifest import load_manifest
+from fastlivt.data_prep.config import parse_override
+from fastlivt.data_prep.manifest import load_manifest
 from fastlivt.config import ConfigError, TrainConfig, from_dict, to_dict
 from fastlivt.engine.checkpoint import read_safetensors, safe_load
 from fastlivt.engine.finetune import EXPORT_FORMAT, predict

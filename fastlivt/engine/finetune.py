@@ -81,7 +81,7 @@ def check_not_test(cfg: TrainConfig) -> None:
     import json
     from pathlib import Path
 
-    from data_prep.manifest import MANIFEST_NAME
+    from fastlivt.data_prep.manifest import MANIFEST_NAME
 
     path = Path(cfg.data.val) / MANIFEST_NAME
     try:

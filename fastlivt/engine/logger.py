@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
-from data_prep.atomic import atomic_path, disk_full_guard
+from fastlivt.data_prep.atomic import atomic_path, disk_full_guard
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from data_prep.atomic import atomic_path
+from fastlivt.data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError, TrainConfig, to_dict
 from fastlivt.engine.run import Run
 from fastlivt.logs import get_logger

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional, Tuple
 
-from data_prep.atomic import disk_full_guard
+from fastlivt.data_prep.atomic import disk_full_guard
 from fastlivt.logs import get_logger
 
 log = get_logger(__name__)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from data_prep.atomic import atomic_path
+from fastlivt.data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError, TrainConfig
 from fastlivt.engine.checkpoint import safe_load
 from fastlivt.engine.nonfinite import refuse_nonfinite

@@ -22,7 +22,7 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from data_prep.atomic import atomic_path
+from fastlivt.data_prep.atomic import atomic_path
 from fastlivt.config import ConfigError
 from fastlivt.models.attention import attention_layer, check_backend_name
 from fastlivt.models.layers import PatchEmbed, compute_dtype
