@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from fastlivt.data_prep.atomic import write_text_atomic
+from fastlivt.data_prep.atomic import DiskFullError, is_disk_full, write_text_atomic
 from fastlivt.engine.checkpoint import META_FILE, safe_load
 from fastlivt.engine.nonfinite import NonFiniteError, first_nonfinite
 from fastlivt.logs import get_logger
@@ -60,7 +60,7 @@ def save(rt: Any, directory: str, tag: str, meta: Dict[str, Any]) -> None:
 
     Every rank must call it. DeepSpeed writes ``directory/tag.tmp``; only after all ranks have finished does rank 0
     rename it to ``directory/tag`` and then rewrite ``directory/latest`` (so a crash leaves the previous checkpoint
-    intact). Several nodes need a shared filesystem for ``directory``. A stale universal conversion of ``tag`` is removed.
+    intact). A full disk removes the partial ``tag.tmp`` and is one :class:`DiskFullError`. Several nodes need a shared filesystem for ``directory``. A stale universal conversion of ``tag`` is removed.
     """
     engine = rt.engine
     if engine.micro_steps % rt.accum_steps != 0:
@@ -81,8 +81,14 @@ def save(rt: Any, directory: str, tag: str, meta: Dict[str, Any]) -> None:
         if tmp.exists():
             shutil.rmtree(tmp)
     rt.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=meta, save_latest=False)
-    torch.save(meta, tmp / META_FILE.format(rank=rt.rank))
+    try:
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state=meta, save_latest=False)
+        torch.save(meta, tmp / META_FILE.format(rank=rt.rank))
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the partial shards; `final` is untouched
+        raise DiskFullError(tmp, e) from e
     rt.barrier()
     if rt.is_main:
         old = root / f"{tag}.old"

@@ -79,7 +79,8 @@ class TrainLogger:
             except ImportError as e:  # tensorboard is a declared dependency; say what is missing
                 raise RuntimeError(f"run.tensorboard=true but TensorBoard cannot be imported ({e}); install "
                                    f"`tensorboard` or set run.tensorboard=false") from e
-            self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=start_step if resume else None)
+            self.tb_dir = out / "tb"
+            self.tb = SummaryWriter(log_dir=str(self.tb_dir), purge_step=start_step if resume else None)
         if progress:
             from tqdm import tqdm
 
@@ -123,8 +124,9 @@ class TrainLogger:
                                  img_s=f"{row['img_s']:.0f}", **extra, wait=f"{row['data_wait']:.0%}")
         self.train_csv.write({"step": step, **row})
         if self.tb is not None:
-            for k, v in row.items():
-                self.tb.add_scalar(f"train/{k}", v, step)
+            with disk_full_guard(self.tb_dir):  # TensorBoard's writer thread re-raises its write errors here
+                for k, v in row.items():
+                    self.tb.add_scalar(f"train/{k}", v, step)
         return row
 
     def eval(self, step: int, epoch: int, metrics: Dict[str, Any]) -> None:
@@ -133,8 +135,9 @@ class TrainLogger:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.eval_csv.write({"step": step, "epoch": epoch, **flat})
         if self.tb is not None:
-            for k, v in flat.items():
-                self.tb.add_scalar(f"eval/{k}", v, step)
+            with disk_full_guard(self.tb_dir):
+                for k, v in flat.items():
+                    self.tb.add_scalar(f"eval/{k}", v, step)
         msg = ", ".join(f"{k} {v:.4g}" for k, v in flat.items())
         (self.bar.write if self.bar is not None else log.info)(f"epoch {epoch} eval: {msg}")
 
@@ -146,8 +149,10 @@ class TrainLogger:
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
+            tb, self.tb = self.tb, None
+            with disk_full_guard(self.tb_dir):
+                tb.flush()
+                tb.close()
 
 
 def mfu_reference(cfg: Any, stage: str, num_classes: int, device: Any, bf16: bool, enabled: bool = True) -> Dict[str, Any]:
