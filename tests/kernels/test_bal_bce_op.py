@@ -28,6 +28,13 @@ def make(n: int = 4, c: int = 37, seed: int = 1):
             torch.randint(0, c, (n,), generator=g))
 
 
+def make_case(n: int, c: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3.0 * torch.randn(n, c, generator=g)).to(dtype)
+    bias = 4.0 * torch.randn(c, generator=g)
+    return logits, bias, torch.randint(0, c, (n,), generator=g), torch.randint(0, c, (n,), generator=g)
+
+
 def loss_fn(z, bias, la, lb, grad_scale=1.0):
     return bal_bce(z, bias, label_a=la, label_b=lb, lam=0.3, smoothing=0.1, grad_scale=grad_scale)
 
@@ -211,3 +218,85 @@ def test_bench_loss_times_the_backward_the_training_loop_runs():
         grad = step()
         assert {k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v - before.get(k, 0)} == {"bal_bce": 1}
         assert rel(grad, ref_grad) <= 1e-6
+
+
+def launches_and_passes(fn):
+    """(launches by kernel, whole N x C passes) that ``fn()`` makes, from the launch records."""
+    before, passes = dict(LAUNCHES), dict(PASSES)
+    fn()
+    return ({k: v - before.get(k, 0) for k, v in LAUNCHES.items() if v - before.get(k, 0)},
+            {k: v - passes.get(k, 0) for k, v in PASSES.items() if v - passes.get(k, 0)})
+
+
+@needs_kernel
+def test_forward_backward_is_one_launch_and_the_backward_hands_the_buffer_on():
+    logits, bias, la, lb = make_case(5, 30, torch.float32, seed=4)
+    _, ref_grad = bal_bce_reference(logits, bias, soft_target(la, lb, 0.8, 0.0, 30))
+    head = torch.eye(30, requires_grad=True)  # logits = z @ I: the gradient reaches the head as in training
+    z = logits.clone().requires_grad_(True)
+    for accum in (1, 3):
+        seen = []
+        out = z @ head
+        out.register_hook(lambda g: seen.append(g))
+
+        def step():
+            loss = bal_bce(out, bias, label_a=la, label_b=lb, lam=0.8, grad_scale=1.0 / accum)
+            (loss / accum).backward()
+
+        launches, passes = launches_and_passes(step)
+        assert launches == {"bal_bce": 1} and passes == {"logits read": 1, "gradient written": 1}, accum
+        assert rel(seen[0], ref_grad / accum) <= 1e-6  # the forward's buffer, already weighted by 1/accum
+        z.grad = head.grad = None
+    out = z @ head
+    loss, grad = torch.ops.fastlivt.bal_bce(out, bias, la, lb, None, 0.8, 0.0, None, 1.0, True, None)
+    seen = []
+    out.register_hook(lambda g: seen.append(g))
+    loss.backward()
+    assert seen[0].data_ptr() == grad.data_ptr()  # no copy, no second pass: the op's own gradient output
+
+
+@needs_kernel
+def test_other_incoming_gradients_are_refused_never_mis_scaled():
+    logits, bias, la, lb = make_case(4, 12, torch.float32, seed=8)
+    z = logits.clone().requires_grad_(True)
+    for weigh in (lambda loss: loss.backward(torch.tensor(-3.0)), lambda loss: (loss / 4).backward(),
+                  lambda loss: torch.autograd.grad(2 * loss, z)):
+        with pytest.raises(RuntimeError, match="differs from grad_scale"):
+            weigh(bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5))
+    assert z.grad is None
+    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5, grad_scale=0.25)
+    (loss / 4).backward(retain_graph=True)
+    first = z.grad.clone()
+    (loss * 0.25).backward()  # the same weight again through the retained graph: the buffer was not modified
+    assert torch.equal(z.grad, 2 * first)
+
+
+@needs_kernel
+def test_the_loss_holds_no_reference_cycle():
+    import gc
+    import weakref
+
+    logits, bias, la, lb = make_case(4, 12, torch.float32, seed=8)
+    z = logits.clone().requires_grad_(True)
+    loss = bal_bce(z, bias, label_a=la, label_b=lb, lam=0.5)
+    ref = weakref.ref(loss)
+    gc.disable()
+    try:
+        del loss
+        assert ref() is None  # freed by reference counting: its graph (and the N x C gradient) goes with it
+    finally:
+        gc.enable()
+
+
+@needs_kernel
+def test_no_gradient_pass_without_requires_grad():
+    logits, bias, la, lb = make_case(3, 20, torch.float32, seed=5)
+    ref_loss, _ = bal_bce_reference(logits, bias, soft_target(la, lb, 0.5, 0.0, 20))
+    out = []
+    assert launches_and_passes(lambda: out.append(bal_bce(logits, bias, label_a=la, label_b=lb, lam=0.5))) == (
+        {"bal_bce": 1}, {"logits read": 1})
+    with torch.no_grad():  # evaluation: logits that require grad, but no graph
+        assert launches_and_passes(lambda: out.append(bal_bce(logits.requires_grad_(True), bias, label_a=la,
+                                                              label_b=lb, lam=0.5)))[1] == {"logits read": 1}
+    for loss in out:
+        assert not loss.requires_grad and rel(loss, ref_loss) <= 1e-6
