@@ -22,7 +22,7 @@ OUT=${OUT:-runs/gpu_check}
 WHEELS=${GPU_WHEELS:-.gpu_wheels}
 DRY_RUN=${DRY_RUN:-}
 PY=${PY:-python3}
-# name:limit_s, in the order they run; the limits add up to 330 s (tests/test_gpu_check.py checks both).
+# name:limit_s, in the order they run; the limits add up to 330 s (tests/project/test_gpu_check.py checks both).
 STEPS="env:25 tests-kernel:50 bench-loss:60 bench-compiled:110 bench-data:35 bench-deepspeed:50"
 if [ "$DRY_RUN" = cpu ]; then
     DEVICE=cpu INTERPRET=1 COMPILED_ARGS=(--quick)
