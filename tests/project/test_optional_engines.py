@@ -1,5 +1,5 @@
-"""FFCV, DALI, xformers and DeepSpeed stay optional: with all four unimportable (``tests/helpers/block_engines``, a meta-path
-finder raising ``ModuleNotFoundError`` for them, as on a GPU image that lacks them), every other module of fastlivt,
+"""FFCV, DALI, xformers and DeepSpeed stay optional: with all four unimportable (``tests/helpers/block_engines``, a
+meta-path finder raising ``ModuleNotFoundError`` for them, as on a GPU image that lacks them), every other module of fastlivt,
 kernels and data_prep imports, the ``torch`` data backend trains a few BFT steps, and the bench parts that use an
 engine write their rows or ``unavailable: <reason>`` rows naming the missing module."""
 import importlib.util

@@ -1,7 +1,7 @@
 """DeepSpeed: 2-process ZeRO-2 (MGP) and ZeRO-3 (BFT) runs on CPU/gloo, config derivation, the launcher, ViT-L/384.
 
-Two launches (``torchrun``, then DeepSpeed's own launcher) run ``tests/helpers/ds_worker.py``: the first trains uninterrupted
-runs and runs killed mid-training, the second resumes the killed ones in fresh processes. Checked here: losses fall,
+Two launches (``torchrun``, then DeepSpeed's own launcher) run ``tests/helpers/ds_worker.py``: the first trains
+uninterrupted runs and runs killed mid-training, the second resumes the killed ones in fresh processes. Checked here: losses fall,
 ranks agree on the weights, DeepSpeed's optimizer holds and applies lr x lr_scale per group, resume is bit-exact (runtime
 and the real training loop), the consolidated exports load into ``build_vit``, and no C++ op is built.
 """
