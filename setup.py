@@ -2,7 +2,7 @@
 from setuptools import find_packages, setup
 
 # Every distribution that a module of fastlivt (fastlivt.kernels and fastlivt.data_prep included) imports is
-# declared here or in an extra (tests/test_dependencies.py checks the import closure against these lists).
+# declared here or in an extra (tests/project/test_dependencies.py checks the import closure against these lists).
 install_requires = [
     # torch is not pinned here: GPU servers bring their own CUDA build (2.11 is supported). On the 2-core CPU
     # development/CI machines scripts/install.sh pins torch==2.14.1 + torchvision==0.29.1, because torch 2.13.0+cpu

@@ -22,18 +22,18 @@ OUT=${OUT:-runs/gpu_check}
 WHEELS=${GPU_WHEELS:-.gpu_wheels}
 DRY_RUN=${DRY_RUN:-}
 PY=${PY:-python3}
-# name:limit_s, in the order they run; the limits add up to 330 s (tests/test_gpu_check.py checks both).
+# name:limit_s, in the order they run; the limits add up to 330 s (tests/project/test_gpu_check.py checks both).
 STEPS="env:25 tests-kernel:50 bench-loss:60 bench-compiled:110 bench-data:35 bench-deepspeed:50"
 if [ "$DRY_RUN" = cpu ]; then
     DEVICE=cpu INTERPRET=1 COMPILED_ARGS=(--quick)
     # 2 shared CPU cores: the CPU limits are those of a 6-minute dry run, not the GPU's (torch.compile on 2 cores).
     STEPS="env:25 tests-kernel:45 bench-loss:45 bench-compiled:200 bench-data:30 bench-deepspeed:15"
-    KERNEL_TESTS=(tests/test_kernel.py tests/test_kernel_v2.py -m "not cuda")
+    KERNEL_TESTS=(tests/kernels/test_bal_bce.py tests/kernels/test_bal_bce_layout.py -m "not cuda")
 elif [ -n "$DRY_RUN" ]; then
     echo "gpu_check: DRY_RUN=$DRY_RUN: only DRY_RUN=cpu is known" >&2; exit 2
 else
     DEVICE=cuda INTERPRET=0 COMPILED_ARGS=()
-    KERNEL_TESTS=(tests/test_kernel.py tests/test_kernel_v2.py -m cuda)
+    KERNEL_TESTS=(tests/kernels/test_bal_bce.py tests/kernels/test_bal_bce_layout.py -m cuda)
 fi
 limit() { local s; for s in $STEPS; do [ "${s%%:*}" = "$1" ] && { echo "${s#*:}"; return; }; done; echo "no limit for $1" >&2; exit 2; }
 

@@ -1,7 +1,7 @@
 """The loader contract: what training and evaluation use of a loader, written down as a :class:`typing.Protocol`.
 
 Every backend (:class:`fastlivt.data.base.EpochLoader` and its ffcv, dali, torch and PIL subclasses) and every test
-double provides it; ``tests/test_loader_contract.py`` checks their methods and signatures against it. Nothing else
+double provides it; ``tests/fastlivt/data/test_contract.py`` checks their methods and signatures against it. Nothing else
 of a loader is called by the loop (:mod:`fastlivt.engine.loop`) or by evaluation, except the optional
 ``batch_augment`` attribute (``None`` or the BatchAugment the fine-tuning task applies to each batch).
 """

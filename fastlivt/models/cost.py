@@ -6,7 +6,7 @@ block with MLP ratio 4 on N tokens of width D, 24·N·D² for the qkv/proj/MLP G
 training step is 3× the forward (backward = 2× forward); attention's recomputation inside a fused backward is not
 model FLOPs. MGP: patch projection on all L patches, the encoder on 1 + keep tokens (visible only), the decoder
 embedding, 8 decoder blocks and the pixel predictor on 1 + L tokens. BFT: patch projection, the blocks on 1 + L
-tokens, the head. ``tests/test_mfu.py`` checks these against ``torch.utils.flop_counter.FlopCounterMode``.
+tokens, the head. ``tests/fastlivt/models/test_cost.py`` checks these against ``torch.utils.flop_counter.FlopCounterMode``.
 
 Memory (an estimate, bf16 autocast, flash/memory-efficient attention, no activation checkpointing): what autograd
 keeps per token and block, in bytes — the fp32 LayerNorm inputs (2 × 4·D), the bf16 inputs of qkv, proj, fc1 and fc2
