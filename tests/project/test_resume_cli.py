@@ -2,7 +2,7 @@
 killed with SIGKILL mid-epoch and resumed with ``--resume`` ends with the exported weights of an uninterrupted run
 (CPU, tiny model, a few seconds of training).
 
-One fixed-step case per backend: ffcv with BFT (RandAugment, RandomErasing and smoothing on) and dali with MGP. The
+One fixed-step case per backend: ffcv and torch with BFT (RandAugment, RandomErasing and smoothing on), dali with MGP. The
 other stage x backend x kill-step combinations are guarded one layer down, in process: every stage and crash step by
 tests/fastlivt/engine/test_loop.py (MGP and BFT, mid-epoch and after an epoch boundary), every backend x stage's
 batches across a resume by tests/fastlivt/data/test_registry_reproducible.py."""
@@ -70,7 +70,7 @@ def _weights(out: Path, stage: str):
     return load_file(out / ("encoder.safetensors" if stage == "pretrain" else "model.safetensors"))
 
 
-@pytest.mark.parametrize("backend,stage", [("ffcv", "finetune"), ("dali", "pretrain")])
+@pytest.mark.parametrize("backend,stage", [("ffcv", "finetune"), ("dali", "pretrain"), ("torch", "finetune")])
 def test_sigkill_and_resume_equals_uninterrupted(split, tmp_path, stage, backend):
     kill_after = KILL_AFTER
     full = subprocess.Popen(_command(stage, backend, split, tmp_path / "full"), cwd=REPO, env=_env(),
