@@ -150,7 +150,8 @@ class BFTTask:
             check_not_test(cfg)
             self.val_loader = run.make_loader(cfg, "val", "eval", run.runtime)
         else:
-            log.warning("data.val is not set: no evaluation during fine-tuning and no 'best' checkpoint")
+            log.info("data.val is empty: no evaluation during fine-tuning and no 'best' checkpoint; the last epoch's "
+                     "weights are the result (evaluate them on the test split)")
 
     def forward(self, run: Run, images: torch.Tensor, labels: torch.Tensor):
         target = labels
