@@ -249,3 +249,13 @@ def check_outputs(out: Path, reference: Sequence[Tuple[int, np.ndarray]], comple
         err = np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
         assert err < jpeg_tol, f"shard image {i} differs from beton row {i} by {err:.2f} on average"
     return m
+
+
+def convert_imagefolder(src: Path, out: Path) -> Path:
+    """``fastlivt convert imagefolder`` of ``src`` (class folders of JPEGs) into ``out`` in both formats, in process
+    (no workers, shards of 10 samples): the loaders' and resume tests' small splits."""
+    from fastlivt.data_prep.cli import main
+
+    assert main(["imagefolder", "--root", str(src), "--formats", "ffcv,dali", "--out", str(out), "--workers", "0",
+                 "--shard-size", "10", "--no-progress"]) == 0
+    return out

@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from convert_testdata import convert_imagefolder
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12  # 26 training images, batch 4, drop_last: 6 steps per epoch, 2 epochs
@@ -34,11 +35,7 @@ def split(tmp_path_factory):
         for k in range(n):
             h, w = rng.integers(14, 24, 2)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{k}.jpg")
-    from fastlivt.data_prep.cli import main
-
-    assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "data"),
-                 "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0
-    return root / "data"
+    return convert_imagefolder(root / "src", root / "data")
 
 
 def _command(stage: str, backend: str, data: Path, out: Path, resume: bool = False):

@@ -10,6 +10,7 @@ from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.device_stage import DeviceStage
+from convert_testdata import convert_imagefolder
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 POLICY = "rand-m9-mstd0.5-inc1"
@@ -28,11 +29,7 @@ def split(tmp_path_factory):
             coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
             img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
-    from fastlivt.data_prep.cli import main
-
-    assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "out"),
-                 "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0
-    return root / "out"
+    return convert_imagefolder(root / "src", root / "out")
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from PIL import Image
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import sample_rng
+from convert_testdata import convert_imagefolder
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.timeout(600)
@@ -28,11 +29,7 @@ def split(tmp_path_factory):
         for k in range(n):
             h, w = rng.integers(30, 90, 2)
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{k}.jpg")
-    from fastlivt.data_prep.cli import main
-
-    assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(root / "out"),
-                 "--workers", "0", "--shard-size", "10", "--no-progress"]) == 0
-    return root / "out"
+    return convert_imagefolder(root / "src", root / "out")
 
 
 @pytest.fixture(autouse=True)
