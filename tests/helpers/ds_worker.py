@@ -165,13 +165,11 @@ def loop_cfg(out: Path, stage: str, zero: int, init: str = None) -> TrainConfig:
     cfg.run.out, cfg.run.epochs, cfg.run.device, cfg.run.amp = str(out), 2, DEVICE, AMP
     cfg.run.log_every, cfg.run.progress, cfg.run.vis_every, cfg.run.tensorboard = 1, False, 1, False
     cfg.run.ckpt_every_steps = 2
-    cfg.data.img_size = cfg.model.img_size = IMG
+    from engine_doubles import tiny_vit
+
+    tiny_vit(cfg, IMG, decoder_embed_dim=16)
     cfg.data.batch_size, cfg.optim.accum_iter, cfg.optim.clip_grad = 8, 2, 1.0
-    cfg.data.mean, cfg.data.std = (0.2860,) * 3, (0.3530,) * 3
     m = cfg.model
-    m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_tiny", 4, 32, 2, 2
-    m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.attention = 16, 1, 2, "sdpa"
-    cfg.optim.warmup_epochs, cfg.optim.lr = 0.5, 1e-3
     if stage == "bft":
         cfg.optim.betas, cfg.optim.layer_decay, cfg.optim.min_lr = (0.9, 0.99), 0.75, 1e-6
         m.drop_path, m.init, cfg.loss.name, cfg.loss.fused = 0.1, init, "bal_bce", "torch"

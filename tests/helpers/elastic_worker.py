@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_doubles import MemoryLoader, SimulatedCrash, fmnist_longtail, write_manifest  # noqa: E402
+from engine_doubles import MemoryLoader, SimulatedCrash, fmnist_longtail, tiny_vit, write_manifest  # noqa: E402
 from fastlivt.config import TrainConfig  # noqa: E402
 
 LT = [60, 40, 25, 15, 10, 8, 6, 5, 4, 3]
@@ -42,13 +42,9 @@ def case_cfg(out: Path, case: str, world: int) -> TrainConfig:
     cfg.run.out, cfg.run.epochs, cfg.run.device, cfg.run.amp = str(out), 2, "cpu", "fp32"
     cfg.run.log_every, cfg.run.progress, cfg.run.vis_every, cfg.run.tensorboard = 1, False, 100, False
     cfg.run.ckpt_every_steps = 1
-    cfg.data.img_size = cfg.model.img_size = 16
+    tiny_vit(cfg, 16, decoder_embed_dim=16)
     cfg.data.batch_size, cfg.optim.accum_iter, cfg.optim.clip_grad = MICRO, EFFECTIVE // (MICRO * world), 1.0
-    cfg.data.mean, cfg.data.std = (0.2860,) * 3, (0.3530,) * 3
     m = cfg.model
-    m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_tiny", 4, 32, 2, 2
-    m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.attention = 16, 1, 2, "sdpa"
-    cfg.optim.warmup_epochs, cfg.optim.lr = 0.5, 1e-3
     if stage == "bft":
         cfg.optim.layer_decay, cfg.optim.min_lr = 0.75, 1e-6
         m.drop_path, cfg.loss.name, cfg.loss.fused = 0.1, "bal_bce", "torch"

@@ -108,3 +108,14 @@ def fmnist_longtail(split: str, per_class: List[int]) -> Tuple[torch.Tensor, tor
     x = torch.nn.functional.pad(x, (2, 2, 2, 2))  # 28 -> 32
     x = ((x - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
     return x, torch.from_numpy(labels[keep])
+
+
+def tiny_vit(cfg, img: int, decoder_embed_dim: int) -> None:
+    """Set ``cfg`` (a TrainConfig) to the engine tests' tiny ViT on Fashion-MNIST-sized inputs: ``img`` px, patch 4,
+    width 32, 2 blocks, a one-block decoder of ``decoder_embed_dim``, SDPA, short warmup, lr 1e-3."""
+    cfg.data.img_size = cfg.model.img_size = img
+    cfg.data.mean, cfg.data.std = (0.2860,) * 3, (0.3530,) * 3
+    m = cfg.model
+    m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_tiny", 4, 32, 2, 2
+    m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.attention = decoder_embed_dim, 1, 2, "sdpa"
+    cfg.optim.warmup_epochs, cfg.optim.lr = 0.5, 1e-3

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_doubles import FMNIST, MemoryLoader, SimulatedCrash, fmnist_longtail, write_manifest
+from engine_doubles import FMNIST, MemoryLoader, SimulatedCrash, fmnist_longtail, tiny_vit, write_manifest
 from fastlivt.config import TrainConfig
 from fastlivt.engine.finetune import BFTTask
 from fastlivt.engine.loop import train
@@ -37,13 +37,9 @@ def tiny_cfg(out, stage: str, img: int = 16, epochs: int = 2, accum: int = 2, ba
     cfg = TrainConfig()
     cfg.run.stage, cfg.run.out, cfg.run.epochs, cfg.run.device = stage, str(out), epochs, "cpu"
     cfg.run.log_every, cfg.run.progress, cfg.run.vis_every = 1, False, 1
-    cfg.data.img_size = cfg.model.img_size = img
+    tiny_vit(cfg, img, decoder_embed_dim=32)
     cfg.data.batch_size, cfg.optim.accum_iter = batch, accum
-    cfg.data.mean, cfg.data.std = (0.2860,) * 3, (0.3530,) * 3
     m = cfg.model
-    m.arch, m.patch_size, m.embed_dim, m.depth, m.num_heads = "vit_tiny", 4, 32, 2, 2
-    m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads, m.attention = 32, 1, 2, "sdpa"
-    cfg.optim.warmup_epochs, cfg.optim.lr = 0.5, 1e-3
     if stage == "finetune":
         cfg.optim.betas, cfg.optim.layer_decay, cfg.optim.min_lr = (0.9, 0.99), 0.75, 1e-6
         m.drop_path, cfg.run.ema, cfg.loss.name, cfg.loss.fused = 0.1, 0.99, "bal_bce", "torch"
