@@ -1,0 +1,139 @@
+"""The ffcv backend's host part: FFCV's pipeline hands over each sample's stored bytes (raw pixels or JPEG) in one row
+per sample, and the device part turns them into the shared crops — checked on .beton files of mixed write modes and
+varied sizes against the bytes read straight from the file."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.io import decode_jpeg
+
+from fastlivt.config import TrainConfig, load_config
+from fastlivt.data import build_loader
+from fastlivt.data import device_crop as dc
+from convert_testdata import beton_stored
+
+pytestmark = pytest.mark.timeout(600)
+SIZES = [(30, 41), (52, 33), (41, 41), (36, 60), (60, 28), (33, 47), (45, 38), (28, 52), (50, 50)]
+
+
+def _picture(rng, h, w):
+    coarse = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    return np.clip(np.asarray(coarse, np.int16) + rng.integers(-10, 11, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A split of 18 images in 2 classes (two rounds of SIZES) converted with FFCV's 'proportion' mode: some rows
+    raw, some JPEG."""
+    from fastlivt.data_prep.cli import main
+
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(4)
+    for c in range(2):
+        (root / "src" / f"c{c}").mkdir(parents=True)
+        for k, (h, w) in enumerate(SIZES):
+            Image.fromarray(_picture(rng, h, w)).save(root / "src" / f"c{c}" / f"{k}.png")
+    out = root / "out"
+    assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv", "--out", str(out), "--workers", "0",
+                 "--write-mode", "proportion", "--compress-probability", "0.5", "--no-progress"]) == 0
+    return out
+
+
+def _rows(beton, jit: bool, workers: int):
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.reader import Reader
+    from ffcv.transforms import ToTensor
+
+    from fastlivt.data.ffcv_ops import StoredBytes, jpeg_max_bytes
+
+    Compiler.set_enabled(jit)
+    try:
+        op = StoredBytes(jpeg_max_bytes(Reader(str(beton)), "image"))
+        loader = Loader(str(beton), batch_size=4, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": [op, ToTensor()], "label": None})
+        rows = torch.cat([r.clone() for (r,) in loader])
+    finally:
+        Compiler.set_enabled(True)
+    return rows, op.layout()
+
+
+@pytest.mark.parametrize("jit,workers", [(False, 1), (True, 2)])
+def test_rows_hold_each_samples_stored_bytes(mixed, jit, workers):
+    from fastlivt.data.ffcv_ops import HEADER_BYTES, JPG, RAW, row_header
+
+    stored = beton_stored(mixed / "train.beton")
+    modes = {mode for _, _, mode, _ in stored}
+    assert modes == {RAW, JPG}  # the fixture really mixes the two
+    rows, (max_h, max_w, row_bytes) = _rows(mixed / "train.beton", jit, workers)
+    assert (max_h, max_w) == (60, 60) and rows.shape == (len(stored), row_bytes) and row_bytes % 8 == 0
+    jpeg_max = max(data.size for _, _, mode, data in stored if mode == JPG)
+    assert row_bytes == -(-(HEADER_BYTES + max(60 * 60 * 3, jpeg_max)) // 8) * 8
+    header = row_header(rows)
+    for i, (h, w, mode, data) in enumerate(stored):
+        assert header[i].tolist() == [h, w, mode, data.size]
+        payload = rows[i, HEADER_BYTES:].numpy()
+        if mode == JPG:
+            assert np.array_equal(payload[:data.size], data)
+        else:
+            pixels = payload[:max_h * max_w * 3].reshape(max_h, max_w, 3)[:h, :w]
+            assert np.array_equal(pixels, data.reshape(h, w, 3))
+
+
+def _cfg(out, *over):
+    return load_config(TrainConfig, None, [f"data.train={out}", f"data.val={out}", "data.backend=ffcv",
+                                           "data.img_size=24", "data.batch_size=5", "data.workers=1", "run.seed=2",
+                                           "data.rrc_scale=[0.08,1.0]", *over])
+
+
+def _references(beton):
+    """Each row's image decoded on its own: raw pixels as stored, JPEGs by torchvision."""
+    from fastlivt.data.ffcv_ops import JPG
+
+    out = []
+    for h, w, mode, data in beton_stored(beton):
+        t = torch.from_numpy(data.copy())
+        out.append(decode_jpeg(t) if mode == JPG else t.view(h, w, 3).permute(2, 0, 1).contiguous())
+    return out
+
+
+def _to_uint8(images):
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255
+    return (images * std + mean).round().to(torch.uint8)
+
+
+@pytest.fixture(autouse=True)
+def _no_numba_jit():
+    from ffcv.pipeline.compiler import Compiler
+
+    Compiler.set_enabled(False)
+    yield
+    Compiler.set_enabled(True)
+
+
+def test_mixed_modes_give_the_shared_crops_of_each_samples_image(mixed):
+    refs = _references(mixed / "train.beton")
+    with build_loader(_cfg(mixed), "train", "pretrain") as loader:
+        plan = loader.plan(0)
+        p = loader.sample_params(plan, loader.heights[plan], loader.widths[plan])  # epoch 0's, before the pass
+        images = torch.cat([x.clone() for x, _ in loader])
+    expected = dc.crop_resize([refs[i] for i in plan], p.windows, p.flip, 24)
+    assert torch.equal(_to_uint8(images), expected)
+    with build_loader(_cfg(mixed), "val", "eval") as loader:
+        images = torch.cat([x.clone() for x, _ in loader])
+        resize = loader.eval_resize()
+    sizes = np.array([r.shape[1:] for r in refs])
+    assert torch.equal(_to_uint8(images), dc.resize_center_crop(refs, sizes, resize, 24))
+
+
+def test_hand_over_only_yields_the_rows_with_the_draws_made(mixed):
+    from fastlivt.data.ffcv_ops import row_header
+
+    stored = beton_stored(mixed / "train.beton")
+    with build_loader(_cfg(mixed, "data.auto_augment=rand-m9-mstd0.5-inc1"), "train", "finetune") as loader:
+        loader.hand_over_only = True
+        plan = loader.plan(0)
+        rows = torch.cat([x.clone() for x, _ in loader])
+    assert rows.dtype == torch.uint8 and rows.shape[0] == plan.size
+    assert row_header(rows)[:, 3].tolist() == [stored[i][3].size for i in plan]  # the plan's samples, in order
