@@ -15,11 +15,14 @@ any number of workers, and a raw .beton gives the torch backend's pixels for the
 The long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)``
 on it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
 not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
-FFCV recycles a batch's host rows once the batch after next is taken, so the copy of a batch's rows to the device is
-waited for before the next batch is taken.
+Where the per-batch work runs: with the CPU as the device, in FFCV's epoch thread, ``data.batches_ahead`` batches
+ahead of the training step (as FFCV's own decoding did); on CUDA, in the iterating thread, its kernels queued on the
+current stream, and, as FFCV recycles a batch's host rows once the batch after next is taken, the copy of a batch's
+rows to the device is waited for before the next batch is taken.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, Optional, Tuple
 
 import numpy as np
@@ -35,7 +38,7 @@ try:
     from ffcv.traversal_order.base import TraversalOrder
 except ImportError as e:  # pragma: no cover - ffcv is a hard dependency of this backend
     raise ImportError(f"data.backend=ffcv needs ffcv 1.0.2 (pip install ffcv): {e}") from e
-from fastlivt.data.ffcv_ops import HEADER_BYTES, RAW, StoredBytes, jpeg_max_bytes, row_header  # noqa: E402
+from fastlivt.data.ffcv_ops import HEADER_BYTES, RAW, Failed, StoredBytes, jpeg_max_bytes, row_header  # noqa: E402
 
 log = get_logger(__name__)
 
@@ -156,29 +159,42 @@ class FFCVLoader(EpochLoader):
 
     # ------------------------------------------------------------------------------------------------ one epoch
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch, positions, b = self.epoch, self.positions(indices), self.batch_size
+        params = self.sample_params(indices, self.heights[indices], self.widths[indices]) if self.train else None
+
+        def finish(b_ix: int, batch):
+            """FFCV's (rows, labels) of batch ``b_ix`` -> (images, labels, the rows' copy event)."""
+            rows, labels = batch
+            at = slice(b_ix * b, b_ix * b + rows.shape[0])
+            if self.hand_over_only:  # `fastlivt bench data`: the host's part ends with the rows handed over
+                copied = None
+                if (row_header(rows)[:, 2] == RAW).any():  # JPEG bytes go to the decoder from host memory
+                    copied = self._rows_to_device(rows)[1]
+                self.shared_stage.draws(epoch, positions[at], self.device)
+                return rows, labels, copied
+            images, copied = self._images(rows, indices[at], params, at)
+            draws = self.shared_stage.draws(epoch, positions[at], images.device)
+            return self.shared_stage.apply(images, draws), labels, copied
+
+        # CPU: the per-batch work runs in FFCV's epoch thread, batches_ahead ahead of the training step, as FFCV's
+        # own decoding did; CUDA: here, its kernels queued on the current stream (launches do not wait for them)
+        in_thread = self._copy_stream is None
         self.order.set(indices)
         self.loader.set_tables({})
-        positions, first = self.positions(indices), 0
-        params = self.sample_params(indices, self.heights[indices], self.widths[indices]) if self.train else None
+        self.loader.set_finish(finish if in_thread else None)
         batches, copied = iter(self.loader), None  # FFCV yields the plan's batches in order
         try:
-            while True:
+            for b_ix in itertools.count():
                 if copied is not None:  # the last batch's rows are on the device before FFCV may reuse them
                     copied.synchronize()
                 try:
-                    rows, labels = next(batches)
+                    batch = next(batches)
                 except StopIteration:
                     return
-                at = slice(first, first + rows.shape[0])
-                first = at.stop
-                if self.hand_over_only:  # `fastlivt bench data`: the host's part ends with the rows handed over
-                    if (row_header(rows)[:, 2] == RAW).any():  # JPEG bytes go to the decoder from host memory
-                        copied = self._rows_to_device(rows)[1]
-                    self.shared_stage.draws(self.epoch, positions[at], self.device)
-                    yield rows, self._labels_to_device(labels)
-                    continue
-                images, copied = self._images(rows, indices[at], params, at)
-                yield self.device_stage(images, positions[at]), self._labels_to_device(labels)
+                if isinstance(batch, Failed):
+                    raise batch.error
+                images, labels, copied = batch if in_thread else finish(b_ix, batch)
+                yield images, self._labels_to_device(labels)
         finally:  # a pass left midway: its thread would keep reading batches ahead
             self.loader.stop()
 

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
@@ -154,18 +154,30 @@ def seeded_operations(loader: Loader):
             if hasattr(op, "PARAM_WIDTH") and nodes]
 
 
+class Failed:
+    """What the epoch thread hands over instead of a batch whose pipeline or ``finish`` raised: the consumer raises
+    ``error`` (an exception would otherwise end FFCV's thread and leave the consumer waiting for a batch)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
 class _PlanEpochIterator(EpochIterator):
-    def __init__(self, loader: "PlanLoader", order, tables: ParamTables):
-        self.tables = tables  # before EpochIterator.__init__, which starts the thread
+    def __init__(self, loader: "PlanLoader", order, tables: ParamTables, finish):
+        self.tables, self.finish = tables, finish  # before EpochIterator.__init__, which starts the thread
         self.seeded = seeded_operations(loader)
         super().__init__(loader, order)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
         n, start = len(batch_indices), b_ix * self.loader.batch_size
-        for op, node_id in self.seeded:
-            buffer = self.memory_allocations["operation"][node_id][-1]
-            buffer[batch_slot, :n] = self.tables[op][start:start + n]
-        return super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        try:
+            for op, node_id in self.seeded:
+                buffer = self.memory_allocations["operation"][node_id][-1]
+                buffer[batch_slot, :n] = self.tables[op][start:start + n]
+            result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+            return result if self.finish is None else self.finish(b_ix, result)
+        except Exception as e:
+            return Failed(e)
 
     def join_thread(self, timeout: float = 60.0) -> None:
         """Stop producing batches and wait for the thread (it may be blocked handing over a batch)."""
@@ -185,13 +197,19 @@ class _PlanEpochIterator(EpochIterator):
 
 
 class PlanLoader(Loader):
-    """FFCV's Loader whose next pass reads ``tables`` (see the module docstring) set with :meth:`set_tables`."""
+    """FFCV's Loader whose next pass reads ``tables`` (see the module docstring) set with :meth:`set_tables`, and
+    runs ``finish(batch number, pipeline outputs)`` (set with :meth:`set_finish`; None: nothing) on each batch in
+    the epoch thread, yielding what it returns — or a :class:`Failed` when the pipeline or ``finish`` raised."""
 
     _tables: ParamTables = {}
+    _finish: Optional[Callable] = None
     _current = None
 
     def set_tables(self, tables: ParamTables) -> None:
         self._tables = tables
+
+    def set_finish(self, finish: Optional[Callable]) -> None:
+        self._finish = finish
 
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)
@@ -206,7 +224,7 @@ class PlanLoader(Loader):
                 raise RuntimeError(f"{type(op).__name__}: no parameter table of {len(selected)} x {op.PARAM_WIDTH} "
                                    f"for this pass")
         self.stop()
-        self._current = _PlanEpochIterator(self, selected, self._tables)
+        self._current = _PlanEpochIterator(self, selected, self._tables, self._finish)
         return self._current
 
     def stop(self) -> None:

@@ -137,3 +137,25 @@ def test_hand_over_only_yields_the_rows_with_the_draws_made(mixed):
         rows = torch.cat([x.clone() for x, _ in loader])
     assert rows.dtype == torch.uint8 and rows.shape[0] == plan.size
     assert row_header(rows)[:, 3].tolist() == [stored[i][3].size for i in plan]  # the plan's samples, in order
+
+
+def test_a_corrupt_jpeg_row_is_an_error_naming_the_file_and_row(mixed, tmp_path):
+    """A decoder failure (on FFCV's epoch thread on the CPU) reaches the consumer as the error, naming the row."""
+    import shutil
+
+    from ffcv.reader import Reader
+
+    from fastlivt.data.device_decode import UndecodableSample
+    from fastlivt.data.ffcv_ops import JPG
+
+    out = tmp_path / "corrupt"
+    shutil.copytree(mixed, out)
+    meta = Reader(str(out / "train.beton")).metadata["f0"]
+    row = int(np.flatnonzero(meta["mode"] == JPG)[0])
+    with open(out / "train.beton", "r+b") as f:
+        f.seek(int(meta["data_ptr"][row]) + 3)  # keep the SOI marker: a JPEG whose segments are garbage
+        f.write(b"\x00" * 64)
+    with build_loader(_cfg(out), "val", "eval") as loader:
+        with pytest.raises(UndecodableSample, match=rf"train.beton: row {row}: corrupt JPEG"):
+            for _ in loader:
+                pass
