@@ -1,0 +1,181 @@
+"""Per-sample crop + resize + flip of a whole batch on its device: the RandomResizedCrop every loader backend shares.
+
+A backend hands over the samples' pixels as one zero-padded uint8 batch ``[B,3,Hp,Wp]`` (any memory layout) with
+each sample's window; the resampling is Pillow's antialiased bicubic ``resize`` of the window (``Image.crop(box)
+.resize(size, BICUBIC)``, what torchvision's and timm's RandomResizedCrop do to PIL images, and what torchvision's
+tensor ``resize(antialias=True)`` reproduces): separable, horizontal pass first, each pass rounded to 0..255 as
+Pillow's 8-bit passes are. For output position ``o`` of a window ``[start, start + length)`` resized to ``out``
+samples, Pillow's coefficients are
+
+    scale = length / out, support = 2 * max(scale, 1), center = (o + 0.5) * scale,
+    taps j in [max(floor(center - support + 0.5), 0), min(floor(center + support + 0.5), length)),
+    weight(j) = cubic((j - center + 0.5) / max(scale, 1)), normalised to sum 1   (cubic: a = -0.5)
+
+so one pass of a batch is a batched matrix product with a ``[B, out, Hp or Wp]`` matrix of these weights (zero outside
+each sample's window). Two ways to apply them, the same arithmetic:
+
+* ``matmul`` (accelerators): the weights of the whole batch are built with tensor operations and applied by two
+  batched matrix products: a fixed number of operations per batch whatever B is (a flip is the reversed rows of the
+  horizontal matrix).
+* ``per_sample`` (the CPU): torch's own uint8 antialiased bicubic kernel on each sample's window, one call per sample.
+  On a CPU the dense products cost more than the per-sample kernel at ImageNet sizes (``B x out x Hp x Wp``
+  multiply-adds against a few taps per output), so CPU runs keep the per-sample kernel.
+
+``method="auto"`` picks ``per_sample`` on the CPU and ``matmul`` elsewhere; both are tested against Pillow.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+Images = Union[torch.Tensor, Sequence[torch.Tensor]]  # a padded uint8 [B,3,Hp,Wp] batch, or uint8 [3,H,W] images
+METHODS = ("auto", "matmul", "per_sample")
+
+
+def pad_to_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 ``[3,H,W]`` images on one device -> (zero-padded uint8 ``[B,3,Hmax,Wmax]``, int64 ``[B,2]`` (H, W))."""
+    if not images:
+        raise ValueError("pad_to_batch: no images")
+    sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.int64)
+    h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
+    batch = images[0].new_zeros((len(images), 3, h, w))
+    for i, image in enumerate(images):  # one copy per decoded image: the decoder hands over separate tensors
+        batch[i, :, :image.shape[1], :image.shape[2]] = image
+    return batch, sizes
+
+
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's bicubic filter (a = -0.5), support 2."""
+    a = -0.5
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, out_len: torch.Tensor, first: torch.Tensor,
+                     count: int, padded: int) -> torch.Tensor:
+    """float64 ``[B, count, padded]``: row r of sample b holds Pillow's weights of output position ``first[b] + r``
+    of the window ``[start[b], start[b] + length[b])`` resized to ``out_len[b]`` samples (see the module docstring);
+    the arguments are int64 ``[B]`` tensors on the batch's device."""
+    start, length, out_len, first = (t.to(torch.float64).view(-1, 1, 1) for t in (start, length, out_len, first))
+    o = torch.arange(count, dtype=torch.float64, device=start.device).view(1, -1, 1) + first
+    j = torch.arange(padded, dtype=torch.float64, device=start.device).view(1, 1, -1) - start  # in the window
+    scale = length / out_len
+    filter_scale = scale.clamp_min(1.0)
+    support = 2.0 * filter_scale
+    center = (o + 0.5) * scale
+    lo = torch.floor(center - support + 0.5).clamp_min(0.0)
+    hi = torch.minimum(torch.floor(center + support + 0.5), length)
+    weights = _cubic((j - center + 0.5) / filter_scale) * ((j >= lo) & (j < hi))
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total == 0, torch.ones_like(total), total)
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    return x.round_().clamp_(0, 255)
+
+
+def _apply(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Pillow's two 8-bit passes as batched products: ``rows`` ``[B,S,Hp]``, ``cols`` ``[B,S',Wp]`` -> uint8."""
+    x = batch.to(torch.float32)
+    x = _rounded(torch.matmul(x, cols.to(torch.float32).transpose(1, 2).unsqueeze(1)))  # [B,3,Hp,S']
+    x = _rounded(torch.matmul(rows.to(torch.float32).unsqueeze(1), x))  # [B,3,S,S']
+    return x.to(torch.uint8)
+
+
+def _as_tensor(a: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(device=device, dtype=dtype)
+
+
+def _method(method: str, device: torch.device) -> str:
+    if method not in METHODS:
+        raise ValueError(f"crop method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "per_sample" if device.type == "cpu" else "matmul"
+    return method
+
+
+def _checked(images: Images, method: str) -> Tuple[Images, torch.device, str]:
+    """(the images as the method reads them: a padded batch for ``matmul``, anything indexable per sample for
+    ``per_sample``; their device; the method)."""
+    first = images[0]
+    if first.dtype != torch.uint8 or first.dim() != 3 or first.shape[0] != 3:
+        raise ValueError(f"device crop expects uint8 RGB images [3,H,W] (or a [B,3,H,W] batch), got "
+                         f"{first.dtype} {tuple(first.shape)}")
+    method = _method(method, first.device)
+    if method == "matmul" and not isinstance(images, torch.Tensor):
+        images = pad_to_batch(images)[0]
+    return images, first.device, method
+
+
+def _one(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """torch's antialiased bicubic resize of one uint8 ``[3,h,w]`` image (rounded and saturated on the CPU)."""
+    if image.shape[1] == height and image.shape[2] == width:
+        return image
+    x = image.unsqueeze(0) if image.device.type == "cpu" else image.unsqueeze(0).float()
+    out = F.interpolate(x, size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0]
+    return out if out.dtype == torch.uint8 else _rounded(out).to(torch.uint8)
+
+
+def crop_resize(images: Images, windows: ArrayLike, flip: ArrayLike, size: int,
+                method: str = "auto") -> torch.Tensor:
+    """Sample i's window ``windows[i] = (top, left, height, width)`` of ``images[i]`` resized to ``size x size``,
+    mirrored where ``flip[i]``: uint8 ``[B,3,size,size]`` on the images' device."""
+    batch, device, method = _checked(images, method)
+    win = _as_tensor(windows, device, torch.int64)
+    mirror = _as_tensor(flip, device, torch.bool)
+    if method == "per_sample":
+        out = batch[0].new_empty((len(batch), 3, size, size))
+        for i, (t, l, h, w) in enumerate(win.tolist()):
+            out[i] = _one(batch[i][:, t:t + h, l:l + w], size, size)
+        flipped = torch.nonzero(mirror).flatten()
+        if flipped.numel():
+            out[flipped] = out[flipped].flip(-1)
+        return out
+    top, left, height, width = win.unbind(1)
+    zero = torch.zeros_like(top)
+    full = torch.full_like(top, size)
+    rows = resample_weights(top, height, full, zero, size, batch.shape[2])
+    cols = resample_weights(left, width, full, zero, size, batch.shape[3])
+    cols = torch.where(mirror.view(-1, 1, 1), cols.flip(1), cols)
+    return _apply(batch, rows, cols)
+
+
+def eval_geometry(sizes: ArrayLike, resize: int, size: int) -> np.ndarray:
+    """torchvision's ``Resize(resize)`` (shorter side to ``resize``, the longer ``int(resize * long / short)``) then
+    ``CenterCrop(size)``: int64 ``[B,4]`` = (resized height, resized width, crop top, crop left) per sample."""
+    hw = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes, dtype=np.int64).reshape(-1, 2)
+    out = np.empty((hw.shape[0], 4), dtype=np.int64)
+    for i, (h, w) in enumerate(hw.tolist()):
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(resize * long / short)
+        nh, nw = (resize, new_long) if h <= w else (new_long, resize)
+        if nh < size or nw < size:
+            raise ValueError(f"eval resize {resize} of a {h}x{w} image is smaller than the crop {size}")
+        out[i] = (nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0)))
+    return out
+
+
+def resize_center_crop(images: Images, sizes: ArrayLike, resize: int, size: int,
+                       method: str = "auto") -> torch.Tensor:
+    """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` of each sample ``images[i][:, :H_i, :W_i]``
+    (``sizes[i] = (H_i, W_i)``): uint8 ``[B,3,size,size]`` on the images' device."""
+    batch, device, method = _checked(images, method)
+    geometry = eval_geometry(sizes, resize, size)
+    hw = _as_tensor(sizes, device, torch.int64).view(-1, 2)
+    if method == "per_sample":
+        out = batch[0].new_empty((len(batch), 3, size, size))
+        for i, ((h, w), (nh, nw, top, left)) in enumerate(zip(hw.tolist(), geometry.tolist())):
+            out[i] = _one(batch[i][:, :h, :w], nh, nw)[:, top:top + size, left:left + size]
+        return out
+    g = _as_tensor(geometry, device, torch.int64)
+    zero = torch.zeros_like(g[:, 0])
+    rows = resample_weights(zero, hw[:, 0], g[:, 0], g[:, 2], size, batch.shape[2])
+    cols = resample_weights(zero, hw[:, 1], g[:, 1], g[:, 3], size, batch.shape[3])
+    return _apply(batch, rows, cols)
