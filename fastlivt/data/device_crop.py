@@ -16,7 +16,7 @@ each sample's window). Two ways to apply them, the same arithmetic:
 
 * ``matmul`` (accelerators): the weights of the whole batch are built with tensor operations and applied by two
   batched matrix products: a fixed number of operations per batch whatever B is (a flip is the reversed rows of the
-  horizontal matrix).
+  horizontal matrix's rows).
 * ``per_sample`` (the CPU): torch's own uint8 antialiased bicubic kernel on each sample's window, one call per sample.
   On a CPU the dense products cost more than the per-sample kernel at ImageNet sizes (``B x out x Hp x Wp``
   multiply-adds against a few taps per output), so CPU runs keep the per-sample kernel.
@@ -25,7 +25,8 @@ each sample's window). Two ways to apply them, the same arithmetic:
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+import math
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -58,22 +59,32 @@ def _cubic(x: torch.Tensor) -> torch.Tensor:
 
 
 def resample_weights(start: torch.Tensor, length: torch.Tensor, out_len: torch.Tensor, first: torch.Tensor,
-                     count: int, padded: int) -> torch.Tensor:
-    """float64 ``[B, count, padded]``: row r of sample b holds Pillow's weights of output position ``first[b] + r``
-    of the window ``[start[b], start[b] + length[b])`` resized to ``out_len[b]`` samples (see the module docstring);
-    the arguments are int64 ``[B]`` tensors on the batch's device."""
+                     count: int, padded: int, max_scale: float, reverse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float32 ``[B, count, padded]``: row r of sample b holds Pillow's weights of output position ``first[b] + r``
+    (``first[b] + count - 1 - r`` where ``reverse[b]``: a mirror image) of the window ``[start[b], start[b] +
+    length[b])`` resized to ``out_len[b]`` samples (see the module docstring); the arguments are int64 / bool ``[B]``
+    tensors on the batch's device, ``max_scale`` bounds ``length / out_len``. The
+    weights are computed on Pillow's ``2 ceil(support) + 1`` taps per output (float64, as Pillow) and scattered into
+    the dense rows."""
     start, length, out_len, first = (t.to(torch.float64).view(-1, 1, 1) for t in (start, length, out_len, first))
-    o = torch.arange(count, dtype=torch.float64, device=start.device).view(1, -1, 1) + first
-    j = torch.arange(padded, dtype=torch.float64, device=start.device).view(1, 1, -1) - start  # in the window
+    taps = 2 * math.ceil(2.0 * max(max_scale, 1.0)) + 1
+    o = torch.arange(count, dtype=torch.float64, device=start.device).view(1, -1, 1)
+    if reverse is not None:
+        o = torch.where(reverse.view(-1, 1, 1), (count - 1) - o, o)
+    o = o + first
+    k = torch.arange(taps, dtype=torch.float64, device=start.device).view(1, 1, -1)
     scale = length / out_len
     filter_scale = scale.clamp_min(1.0)
     support = 2.0 * filter_scale
     center = (o + 0.5) * scale
     lo = torch.floor(center - support + 0.5).clamp_min(0.0)
     hi = torch.minimum(torch.floor(center + support + 0.5), length)
-    weights = _cubic((j - center + 0.5) / filter_scale) * ((j >= lo) & (j < hi))
-    total = weights.sum(-1, keepdim=True)
-    return weights / torch.where(total == 0, torch.ones_like(total), total)
+    j = lo + k  # tap positions in the window
+    weights = _cubic((j - center + 0.5) / filter_scale) * (j < hi)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    index = (j + start).long().clamp_(0, padded - 1)  # taps past the window carry weight 0
+    dense = torch.zeros((index.shape[0], count, padded), dtype=torch.float32, device=start.device)
+    return dense.scatter_add_(2, index, weights.to(torch.float32))
 
 
 def _rounded(x: torch.Tensor) -> torch.Tensor:
@@ -81,11 +92,15 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Pillow's two 8-bit passes as batched products: ``rows`` ``[B,S,Hp]``, ``cols`` ``[B,S',Wp]`` -> uint8."""
-    x = batch.to(torch.float32)
-    x = _rounded(torch.matmul(x, cols.to(torch.float32).transpose(1, 2).unsqueeze(1)))  # [B,3,Hp,S']
-    x = _rounded(torch.matmul(rows.to(torch.float32).unsqueeze(1), x))  # [B,3,S,S']
-    return x.to(torch.uint8)
+    """Pillow's two 8-bit passes, horizontal first, as batched products: ``rows`` ``[B,S,Hp]``, ``cols``
+    ``[B,S',Wp]`` -> uint8 ``[B,3,S,S']`` in channels-last memory (what RandAugment reads)."""
+    b, _, hp, wp = batch.shape
+    x = torch.empty((b, wp, hp, 3), dtype=torch.float32, device=batch.device)
+    x.copy_(batch.permute(0, 3, 2, 1))  # float, the width first: the product contracts it
+    x = _rounded(torch.bmm(cols, x.view(b, wp, hp * 3))).view(b, -1, hp, 3)  # [B,S',Hp,3]
+    x = x.transpose(1, 2).contiguous().view(b, hp, -1)  # the height first
+    x = _rounded(torch.bmm(rows, x))  # [B,S,S'*3]
+    return x.to(torch.uint8).view(b, rows.shape[1], cols.shape[1], 3).permute(0, 3, 1, 2)
 
 
 def _as_tensor(a: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -141,16 +156,15 @@ def crop_resize(images: Images, windows: ArrayLike, flip: ArrayLike, size: int,
     top, left, height, width = win.unbind(1)
     zero = torch.zeros_like(top)
     full = torch.full_like(top, size)
-    rows = resample_weights(top, height, full, zero, size, batch.shape[2])
-    cols = resample_weights(left, width, full, zero, size, batch.shape[3])
-    cols = torch.where(mirror.view(-1, 1, 1), cols.flip(1), cols)
+    rows = resample_weights(top, height, full, zero, size, batch.shape[2], batch.shape[2] / size)
+    cols = resample_weights(left, width, full, zero, size, batch.shape[3], batch.shape[3] / size, reverse=mirror)
     return _apply(batch, rows, cols)
 
 
-def eval_geometry(sizes: ArrayLike, resize: int, size: int) -> np.ndarray:
+def eval_geometry(sizes: np.ndarray, resize: int, size: int) -> np.ndarray:
     """torchvision's ``Resize(resize)`` (shorter side to ``resize``, the longer ``int(resize * long / short)``) then
     ``CenterCrop(size)``: int64 ``[B,4]`` = (resized height, resized width, crop top, crop left) per sample."""
-    hw = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes, dtype=np.int64).reshape(-1, 2)
+    hw = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     out = np.empty((hw.shape[0], 4), dtype=np.int64)
     for i, (h, w) in enumerate(hw.tolist()):
         short, long = (h, w) if h <= w else (w, h)
@@ -167,15 +181,17 @@ def resize_center_crop(images: Images, sizes: ArrayLike, resize: int, size: int,
     """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` of each sample ``images[i][:, :H_i, :W_i]``
     (``sizes[i] = (H_i, W_i)``): uint8 ``[B,3,size,size]`` on the images' device."""
     batch, device, method = _checked(images, method)
-    geometry = eval_geometry(sizes, resize, size)
-    hw = _as_tensor(sizes, device, torch.int64).view(-1, 2)
+    host_sizes = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes, dtype=np.int64).reshape(-1, 2)
+    geometry = eval_geometry(host_sizes, resize, size)
     if method == "per_sample":
         out = batch[0].new_empty((len(batch), 3, size, size))
-        for i, ((h, w), (nh, nw, top, left)) in enumerate(zip(hw.tolist(), geometry.tolist())):
+        for i, ((h, w), (nh, nw, top, left)) in enumerate(zip(host_sizes.tolist(), geometry.tolist())):
             out[i] = _one(batch[i][:, :h, :w], nh, nw)[:, top:top + size, left:left + size]
         return out
     g = _as_tensor(geometry, device, torch.int64)
     zero = torch.zeros_like(g[:, 0])
-    rows = resample_weights(zero, hw[:, 0], g[:, 0], g[:, 2], size, batch.shape[2])
-    cols = resample_weights(zero, hw[:, 1], g[:, 1], g[:, 3], size, batch.shape[3])
+    hw = _as_tensor(host_sizes, device, torch.int64)
+    scale = host_sizes / geometry[:, :2]  # on the host: no device sync
+    rows = resample_weights(zero, hw[:, 0], g[:, 0], g[:, 2], size, batch.shape[2], float(scale[:, 0].max()))
+    cols = resample_weights(zero, hw[:, 1], g[:, 1], g[:, 3], size, batch.shape[3], float(scale[:, 1].max()))
     return _apply(batch, rows, cols)
