@@ -26,6 +26,7 @@ each sample's window). Two ways to apply them, the same arithmetic:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,14 +39,14 @@ METHODS = ("auto", "matmul", "per_sample")
 
 
 def pad_to_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[3,H,W]`` images on one device -> (zero-padded uint8 ``[B,3,Hmax,Wmax]``, int64 ``[B,2]`` (H, W))."""
+    """uint8 ``[3,H,W]`` images on one device -> (zero-padded uint8 ``[B,3,Hmax,Wmax]``, int64 ``[B,2]`` (H, W)), in
+    two operations whatever B is (a nested tensor of the images, then its padded form)."""
     if not images:
         raise ValueError("pad_to_batch: no images")
     sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.int64)
-    h, w = int(sizes[:, 0].max()), int(sizes[:, 1].max())
-    batch = images[0].new_zeros((len(images), 3, h, w))
-    for i, image in enumerate(images):  # one copy per decoded image: the decoder hands over separate tensors
-        batch[i, :, :image.shape[1], :image.shape[2]] = image
+    with warnings.catch_warnings():  # torch's nested tensors call themselves a prototype; these two calls are stable
+        warnings.simplefilter("ignore", UserWarning)
+        batch = torch.nested.as_nested_tensor(list(images)).to_padded_tensor(0)
     return batch, sizes
 
 
@@ -104,8 +105,12 @@ def _apply(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch
 
 
 def _as_tensor(a: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Host parameters on the device (through pinned memory without waiting, on CUDA)."""
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(device=device, dtype=dtype)
+    t = t.to(dtype)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _method(method: str, device: torch.device) -> str:

@@ -120,6 +120,12 @@ def test_matmul_dispatches_the_same_operations_for_any_batch():
 
     assert ops(4) == ops(32) > 0
 
+    def pad_ops(b: int) -> int:
+        images = [torch.zeros(3, 10 + i, 20 - i % 3, dtype=torch.uint8) for i in range(b)]
+        return dispatched_ops(lambda: dc.pad_to_batch(images))
+
+    assert pad_ops(4) == pad_ops(32)  # decoded images join the batch without a copy per image
+
     def per_sample_ops(b: int) -> int:
         batch = torch.zeros(b, 3, 20, 20, dtype=torch.uint8)
         return dispatched_ops(lambda: dc.crop_resize(batch, np.tile([0, 0, 10, 10], (b, 1)), np.zeros(b, bool), 16,
