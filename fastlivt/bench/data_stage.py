@@ -7,10 +7,11 @@ and the device stage every backend shares after it (:class:`~fastlivt.data.devic
   crop running on the device; dali: its graph plus the RandAugment draws), or, for the torch backend, whose decode
   and crop run on the device, the reading of the bytes (its DataLoader items), the image size from the JPEG header
   and the crop, flip and RandAugment draws. The row's ``extra.host_does`` says which.
-* Device stage (``device stage`` rows): milliseconds per batch of the shared stage — RandAugment per sample (BFT)
-  and normalisation — on uint8 224-px crops at B = 32 and B = 256, with ``extra.device_ops_per_batch``: the aten
-  operations one batch dispatches at each B (a TorchDispatchMode count on the benchmark's device; on a GPU, each
-  one a kernel launch), equal for both when the stage has no per-image loop.
+* Device stage (``device stage`` rows): milliseconds per batch of the shared device pipeline — crop + flip from the
+  stored pixels, RandAugment per sample (BFT), normalisation — at 224 px, B = 32 and B = 256, with
+  ``extra.device_ops_per_batch``: the aten operations one batch dispatches at each B (a TorchDispatchMode count on
+  the benchmark's tensors; on a GPU, each one a kernel launch), equal for both when nothing loops over the images,
+  and ``extra.device_bytes_per_image``: the bytes those operations read and write, per image.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastlivt.bench.common import Row, device_name, sync
 from fastlivt.config import TrainConfig
@@ -67,44 +70,82 @@ def torch_host_seconds(cfg: TrainConfig, stage: str, repeats: int) -> Tuple[floa
         return (time.process_time() - t0) / (repeats * indices.size), int(indices.size)
 
 
+class _Tally(TorchDispatchMode):
+    """The aten operations dispatched while active and the bytes their tensor arguments and results hold (each
+    operation reads its inputs and writes its outputs once: the device memory traffic, up to caching)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.bytes = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        if func.is_view or func.__name__.startswith("empty"):  # a view or an allocation moves no data
+            return out
+        for t in pytree.tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self.bytes += t.numel() * t.element_size()
+        return out
+
+
+def tally(fn) -> Tuple[int, int]:
+    """(aten operations, bytes moved) of ``fn()``."""
+    with _Tally() as t:
+        fn()
+    return t.ops, t.bytes
+
+
 def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
-    """The shared device stage per batch at 224 px, MGP (normalise) and BFT (RandAugment + normalise), B = 32, 256."""
+    """The device pipeline per batch at 224 px from the stored pixels (256-px images, as a raw .beton holds them):
+    the shared crop + flip, then MGP (normalise) or BFT (RandAugment + normalise), B = 32 and 256. The operations and
+    bytes are counted for the accelerators' way of cropping (batched products) on the benchmark's tensors."""
+    from fastlivt.data import device_crop as dc
     from fastlivt.data import device_randaugment as dra
     from fastlivt.data.device_stage import DeviceStage
-    from fastlivt.data.ra_fidelity import dispatched_ops, fidelity_images
+    from fastlivt.data.ra_fidelity import fidelity_images
+    from fastlivt.data.sample_rng import train_params
 
-    size, batches = 224, (32, 256)
-    repeats = 1 if quick else 5
-    base = torch.from_numpy(fidelity_images(32, size)).permute(0, 3, 1, 2)
+    stored, size, batches = 256, 224, (32, 256)
+    repeats = 1 if quick and device.type == "cpu" else 5  # a GPU's repeats take milliseconds
+    base = torch.from_numpy(fidelity_images(32, stored)).permute(0, 3, 1, 2)
     rows: List[Row] = []
     for pipe, policy in (("MGP", None), ("BFT", dra.parse_policy(BFT_POLICY))):
         stage = DeviceStage(MEAN, STD, device, 0, policy)
-        ops: Dict[str, int] = {}
+        counts: Dict[int, Tuple[int, int]] = {}
         timed: Dict[int, Tuple[List[float], float]] = {}
         for b in batches:
-            images = base.repeat((b + 31) // 32, 1, 1, 1)[:b].contiguous(memory_format=torch.channels_last).to(device)
+            pixels = base.repeat((b + 31) // 32, 1, 1, 1)[:b].contiguous(memory_format=torch.channels_last).to(device)
             positions = np.arange(b)
             t0 = time.process_time()
+            p = train_params(0, 0, positions, np.full(b, stored), np.full(b, stored), (0.08, 1.0))
             draws = stage.draws(0, positions, device)
             host_s = time.process_time() - t0
-            stage.apply(images, draws)  # warm-up
+
+            def run(method: str = "auto"):
+                return stage.apply(dc.crop_resize(pixels, p.windows, p.flip, size, method=method), draws)
+
+            run()  # warm-up
             sync(device)
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                stage.apply(images, draws)
+                run()
                 sync(device)
                 times.append((time.perf_counter() - t0) * 1e3)
-            ops[f"B={b}"] = dispatched_ops(lambda: stage.apply(images, draws))
+            counts[b] = tally(lambda: run("matmul"))
             timed[b] = (times, host_s)
-        what = "RandAugment rand-m9-mstd0.5-inc1 per sample + normalise" if policy else "normalise"
+        what = "crop + flip + " + ("RandAugment rand-m9-mstd0.5-inc1 per sample + normalise" if policy else "normalise")
+        ops = {f"B={b}": c[0] for b, c in counts.items()}
         for b, (times, host_s) in timed.items():
             med = statistics.median(times)
             rows.append(Row(part="data", name=f"device stage {pipe} {size} ({what})", backend="shared (all backends)",
-                            device=device_name(device), shape=f"B={b} {size}x{size}", dtype="uint8->float32",
+                            device=device_name(device), shape=f"B={b} {stored}->{size}", dtype="uint8->float32",
                             unit="ms/batch", median=med, spread=(max(times) - min(times)) / 2, repeats=repeats,
-                            extra={"device_ops_per_batch": dict(ops), "images_per_s": b / med * 1e3,
-                                   "host_draw_us_per_image": host_s / b * 1e6,
+                            extra={"device_ops_per_batch": ops, "device_bytes_per_image": counts[b][1] / b,
+                                   "images_per_s": b / med * 1e3, "host_draw_us_per_image": host_s / b * 1e6,
+                                   "crop": "batched products" if device.type != "cpu" else
+                                   "per-sample uint8 kernel (the CPU's; counts are the batched products')",
                                    "where": "GPU" if device.type == "cuda" else "CPU tensors, the same code path"}))
     return rows
 

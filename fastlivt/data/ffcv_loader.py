@@ -98,7 +98,7 @@ class FFCVLoader(EpochLoader):
 
     # ------------------------------------------------------------------------------------------------ one batch
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """A small host array (windows, flips, sizes) on the loader's device, copied from pinned memory."""
+        """A small host array on the loader's device, copied from pinned memory."""
         t = torch.from_numpy(np.ascontiguousarray(array))
         return t if self._copy_stream is None else t.pin_memory().to(self.device, non_blocking=True)
 
@@ -154,8 +154,7 @@ class FFCVLoader(EpochLoader):
         pixels, copied = self._pixels(rows, header, indices)
         if params is None:
             return dc.resize_center_crop(pixels, header[:, :2], self.eval_resize(), self.img_size), copied
-        windows, flip = self._to_device(params.windows[at]), self._to_device(params.flip[at])
-        return dc.crop_resize(pixels, windows, flip, self.img_size), copied
+        return dc.crop_resize(pixels, params.windows[at], params.flip[at], self.img_size), copied
 
     # ------------------------------------------------------------------------------------------------ one epoch
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

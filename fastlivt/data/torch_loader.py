@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fastlivt.data import device_crop as dc
 from fastlivt.data import device_decode as dd
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.base import EpochLoader
@@ -39,8 +40,8 @@ log = get_logger(__name__)
 
 
 class Augmenter:
-    """decoded uint8 ``[3,H,W]`` images of the samples at ``positions`` of ``epoch`` -> ``[B,3,S,S]`` with values
-    0..255 (uint8 on the CPU, float32 on CUDA; picklable)."""
+    """decoded uint8 ``[3,H,W]`` images of the samples at ``positions`` of ``epoch`` -> uint8 ``[B,3,S,S]``
+    (picklable): the shared device crop (:mod:`fastlivt.data.device_crop`), then RandAugment for finetune."""
 
     def __init__(self, stage: str, size: int, seed: int, rrc_scale: Sequence[float], eval_resize: int,
                  rand_augment: Optional[dra.RandAugmentPolicy] = None,
@@ -52,20 +53,20 @@ class Augmenter:
 
     def __call__(self, images: List[torch.Tensor], positions: np.ndarray, epoch: int) -> torch.Tensor:
         if self.stage == "eval":
-            return dd.resize_center_crop(images, self.eval_resize, self.size)
+            sizes = [(im.shape[1], im.shape[2]) for im in images]
+            return dc.resize_center_crop(images, sizes, self.eval_resize, self.size)
         heights = np.array([im.shape[1] for im in images])
         widths = np.array([im.shape[2] for im in images])
         p = train_params(self.seed, epoch, positions, heights, widths, self.rrc_scale)
-        top, left, h, w = p.windows.T
-        out = dd.crop_resize(images, top, left, h, w, p.flip, self.size)
+        out = dc.crop_resize(images, p.windows, p.flip, self.size)
         if self.rand_augment is not None:  # timm's order: crop, flip, RandAugment (the stage every backend shares)
             ra = self.rand_augment
-            out = ra.augment(out.to(torch.uint8), ra.draws(epoch, positions, out.device)).contiguous().to(out.dtype)
+            out = ra.augment(out, ra.draws(epoch, positions, out.device)).contiguous()
         return out
 
 
 class ShardBatches(Dataset):
-    """Item k = batch k of the current plan: ``(encoded bytes concatenated, their sizes, names, indices, labels)``
+    """Item k = batch k of the current plan: ``(encoded bytes concatenated, their sizes, names, positions, labels)``
     when ``decode_here`` is False, otherwise ``(uint8 [B,3,S,S] images, labels)`` decoded and augmented on the CPU (in the worker)."""
 
     def __init__(self, reader: ShardReader, labels: np.ndarray, augment: Augmenter, decode_here: bool):

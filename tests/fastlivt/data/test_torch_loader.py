@@ -136,20 +136,6 @@ def test_undecodable_bytes_name_the_sample():
         dd.decode_batch([good, broken], ["a.jpg", "b.jpg"], torch.device("cpu"))
 
 
-def test_crop_resize_takes_the_window_and_flips():
-    image = torch.from_numpy(_pattern(120, 110, 9)).permute(2, 0, 1)
-    out = dd.crop_resize([image, image], np.array([10, 10]), np.array([20, 20]), np.array([80, 80]),
-                         np.array([90, 90]), np.array([False, True]), 30)
-    c = torch.arange(30, dtype=torch.float64)
-    want_red = 2 * (20 + (c + 0.5) * 90 / 30 - 0.5)
-    want_green = 2 * (10 + (c + 0.5) * 80 / 30 - 0.5)
-    inner = slice(3, 27)  # away from the borders, where bicubic of a linear ramp is exact
-    assert (out[0, 0, 15, inner].double() - want_red[inner]).abs().max() <= 1
-    assert (out[0, 1, inner, 15].double() - want_green[inner]).abs().max() <= 1
-    assert torch.equal(out[1], out[0].flip(-1))
-    assert (out[:, 2] == 9).all()
-
-
 # ------------------------------------------------------------------------------------------------ the loader
 def test_pretrain_crops_follow_the_per_sample_parameters(split):
     loader = build_loader(_cfg(split), "train", "pretrain")
