@@ -195,6 +195,8 @@ class FFCVLoader(EpochLoader):
                 images, labels, copied = batch if in_thread else finish(b_ix, batch)
                 yield images, self._labels_to_device(labels)
         finally:  # a pass left midway: its thread would keep reading batches ahead
+            if copied is not None:  # the next pass writes into the same rows
+                copied.synchronize()
             self.loader.stop()
 
     def close(self) -> None:

@@ -13,14 +13,15 @@
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import replace
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import EpochIterator
-from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 
@@ -89,6 +90,8 @@ class StoredBytes(SimpleRGBImageDecoder):
     batch is one pinned buffer, one copy to the device. ``payload_bytes`` = max(max_height * max_width * 3 if any
     sample is raw, :func:`jpeg_max_bytes`).
     """
+
+    KEEP_BUFFERS = True  # its rows are allocated once per loader (PlanLoader), not per pass
 
     def __init__(self, jpeg_bytes: int):
         super().__init__()
@@ -211,6 +214,33 @@ class PlanLoader(Loader):
     def set_finish(self, finish: Optional[Callable]) -> None:
         self._finish = finish
 
+    def _allocate_memory(self, batch_size: int, batches_ahead: int):
+        """FFCV's ``Graph.allocate_memory``, except that the buffers of operations with ``KEEP_BUFFERS`` are made
+        once and reused by every later pass. FFCV makes every buffer anew per pass; for :class:`StoredBytes` that is
+        B x row bytes per batch slot of fresh memory, whose first touch costs a short pass more host time than the
+        copying itself. Reuse is safe once the previous pass has stopped and its readers of the rows are done (the
+        ffcv backend waits for its last copy to the device before a pass ends)."""
+        kept_ids = {node.id for op, nodes in self.graph.operation_to_node.items()
+                    if getattr(op, "KEEP_BUFFERS", False) for node in nodes}
+        buffers: Dict[str, Dict[int, object]] = defaultdict(dict)
+        requirements, _ = self.graph.collect_requirements()
+        for kind, per_node in requirements.items():
+            for node_id, query in per_node.items():
+                key = (kind, node_id, batch_size, batches_ahead, repr(query))
+                if node_id in kept_ids and key in self._kept:
+                    buffers[kind][node_id] = self._kept[key]
+                    continue
+                if isinstance(query, AllocationQuery):
+                    buffer = allocate_query(query, batch_size, batches_ahead)
+                elif isinstance(query, Sequence):
+                    buffer = tuple(allocate_query(q, batch_size, batches_ahead) for q in query)
+                else:
+                    buffer = None
+                if node_id in kept_ids:
+                    self._kept[key] = buffer
+                buffers[kind][node_id] = buffer
+        return buffers
+
     def __iter__(self):
         Compiler.set_num_threads(self.num_workers)
         order = self.next_traversal_order()
@@ -224,6 +254,9 @@ class PlanLoader(Loader):
                 raise RuntimeError(f"{type(op).__name__}: no parameter table of {len(selected)} x {op.PARAM_WIDTH} "
                                    f"for this pass")
         self.stop()
+        if self.graph.allocate_memory != self._allocate_memory:
+            self._kept: Dict[tuple, object] = {}
+            self.graph.allocate_memory = self._allocate_memory
         self._current = _PlanEpochIterator(self, selected, self._tables, self._finish)
         return self._current
 

@@ -159,3 +159,24 @@ def test_a_corrupt_jpeg_row_is_an_error_naming_the_file_and_row(mixed, tmp_path)
         with pytest.raises(UndecodableSample, match=rf"train.beton: row {row}: corrupt JPEG"):
             for _ in loader:
                 pass
+
+
+def test_the_rows_are_allocated_once_per_loader_and_reused_by_every_pass(mixed):
+    """FFCV allocates every buffer anew per pass; the rows (B x row bytes per batch slot) are kept instead."""
+    from fastlivt.data.ffcv_ops import StoredBytes
+
+    with build_loader(_cfg(mixed), "val", "eval") as loader:
+        node = loader.loader.graph.operation_to_node[loader.rows_op][0].id
+        passes, rows_buffers, label_buffers = [], [], []
+        for _ in range(2):
+            images = []
+            for x, _ in loader:
+                images.append(x.clone())
+                allocations = loader.loader._current.memory_allocations["operation"]  # this pass's buffers
+            passes.append(torch.cat(images))
+            rows_buffers.append(allocations[node])
+            label_buffers.append([b for k, b in allocations.items() if k != node and b is not None])
+    assert isinstance(loader.rows_op, StoredBytes)
+    assert rows_buffers[0] is rows_buffers[1]  # the same memory in both passes
+    assert label_buffers[0] and all(a is not b for a, b in zip(label_buffers[0], label_buffers[1]))  # FFCV's own
+    assert torch.equal(passes[0], passes[1])
