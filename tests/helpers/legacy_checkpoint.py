@@ -59,7 +59,7 @@ def fixture_loaders(manifest_dir: Path, val_dir: Path):
         if split == "val":
             return MemoryLoader(torch.nn.functional.avg_pool2d(xt, 2), yt, 8, val_manifest, shuffle=False,
                                 drop_last=False)
-        aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob)
+        aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob, seed=cfg.run.seed)
         return MemoryLoader(xs, ys, cfg.data.batch_size, train_manifest, seed=cfg.run.seed, batch_augment=aug)
     return make
 
