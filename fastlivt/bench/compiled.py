@@ -100,7 +100,7 @@ def bft_rows(quick: bool, device: torch.device) -> List[Row]:
     dname = "bf16" if cuda else "fp32"
     counts = [max(1, 1000 // (c + 1)) for c in range(classes)]
     images, labels = synthetic_batch(device, batch, spec["img_size"], classes)
-    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0, device=device)
+    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0)
     positions = np.arange(batch)  # one batch's draws, the same at every step: eager and compiled do equal work
     fns, breaks = {}, {}
     for compiled in (False, True):

@@ -142,7 +142,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         fixed = synthetic_batch(device, batch, img, classes)
         next_batch = lambda: (fixed[0].clone(), fixed[1])  # noqa: E731
 
-    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0, device=device)
+    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else (lambda: torch.autocast("cpu", enabled=False))
     loss_backends = ["torch", "triton"] if on_cuda else ["torch"]
     totals: Dict[str, Tuple[float, float]] = {}

@@ -77,8 +77,7 @@ class BatchAugment:
     """
 
     def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, smoothing: float = 0.1,
-                 reprob: float = 0.25, mix_prob: float = 1.0, switch_prob: float = 0.5, *, seed: int,
-                 device: torch.device | str = "cpu"):
+                 reprob: float = 0.25, mix_prob: float = 1.0, switch_prob: float = 0.5, *, seed: int):
         if num_classes < 1:
             raise ValueError(f"BatchAugment: num_classes must be >= 1, got {num_classes}")
         for name, v in (("mixup", mixup), ("cutmix", cutmix), ("reprob", reprob), ("smoothing", smoothing)):
@@ -88,13 +87,13 @@ class BatchAugment:
             if v > 1:
                 raise ValueError(f"BatchAugment: {name} is a probability, must be <= 1, got {v}")
         self.num_classes, self.smoothing, self.seed = num_classes, smoothing, int(seed)
-        self.device = torch.device(device)
         self.mixing: Optional[bd.MixConfig] = bd.MixConfig(mixup, cutmix, mix_prob, switch_prob) \
             if mixup > 0 or cutmix > 0 else None
         self.erasing: Optional[bd.EraseConfig] = bd.EraseConfig(reprob) if reprob > 0 else None
 
     def draws(self, epoch: int, positions: np.ndarray, img_h: int, img_w: int) -> bd.BatchDraws:
-        """Host half: the batch's erasing boxes and mixing parameters (:func:`fastlivt.data.batch_draws.batch_draws`)."""
+        """Host half: the batch's erasing boxes and mixing parameters
+        (:func:`fastlivt.data.batch_draws.batch_draws`)."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if self.mixing is not None and positions.size % 2:
             raise ValueError(f"Mixup/CutMix needs an even batch size (timm pairs sample i with B-1-i), got "

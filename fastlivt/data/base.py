@@ -121,8 +121,7 @@ class EpochLoader:
                 raise ValueError(f"Mixup/CutMix needs even, whole batches: data.batch_size={self.batch_size} "
                                  f"(must be even) and data.drop_last={d.drop_last} (must be true)")
             num_classes = cfg.model.num_classes or self.manifest.num_classes
-            self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, seed=cfg.run.seed,
-                                              device=self.device)
+            self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, seed=cfg.run.seed)
         self.epoch = 0
         self._seek: Optional[Tuple[int, int]] = None  # (consumed, end) of the next pass, global positions
         self._pass_offset = 0  # global positions of the epoch consumed before the current pass

@@ -39,7 +39,7 @@ def _same_rate(k1, n1, k2, n2) -> bool:
     return abs(k1 / n1 - k2 / n2) < 4 * math.sqrt(p * (1 - p) * (1 / n1 + 1 / n2))
 
 
-# ------------------------------------------------------------------------------------------------ timm's code, our draws
+# ------------------------------------------------------------------------------------------ timm's code, our draws
 class _ErasingSource:
     """Python's ``random`` inside timm.data.random_erasing, handing out our uniforms in the order ``_erase`` asks."""
 
