@@ -8,7 +8,7 @@ and the device stage every backend shares after it (:class:`~fastlivt.data.devic
   and crop run on the device, the reading of the bytes (its DataLoader items), the image size from the JPEG header
   and the crop, flip and RandAugment draws. The row's ``extra.host_does`` says which.
 * Device stage (``device stage`` rows): milliseconds per batch of the shared device pipeline — crop + flip from the
-  stored pixels, RandAugment per sample (BFT), normalisation — at 224 px, B = 32 and B = 256, with
+  stored pixels, RandAugment per sample (BFT), normalisation, RandomErasing + Mixup/CutMix (BFT) — at 224 px, B = 32 and B = 256, with
   ``extra.device_ops_per_batch``: the aten operations one batch dispatches at each B (a TorchDispatchMode count on
   the benchmark's tensors; on a GPU, each one a kernel launch), equal for both when nothing loops over the images,
   and ``extra.device_bytes_per_image``: the bytes those operations read and write, per image.
@@ -102,6 +102,7 @@ def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
     bytes are counted for the accelerators' way of cropping (batched products) on the benchmark's tensors."""
     from fastlivt.data import device_crop as dc
     from fastlivt.data import device_randaugment as dra
+    from fastlivt.data.augment import BatchAugment
     from fastlivt.data.device_stage import DeviceStage
     from fastlivt.data.ra_fidelity import fidelity_images
     from fastlivt.data.sample_rng import train_params
@@ -112,6 +113,7 @@ def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
     rows: List[Row] = []
     for pipe, policy in (("MGP", None), ("BFT", dra.parse_policy(BFT_POLICY))):
         stage = DeviceStage(MEAN, STD, device, 0, policy)
+        batch_augment = BatchAugment(1000, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0) if policy else None
         counts: Dict[int, Tuple[int, int]] = {}
         timed: Dict[int, Tuple[List[float], float]] = {}
         for b in batches:
@@ -120,10 +122,13 @@ def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
             t0 = time.process_time()
             p = train_params(0, 0, positions, np.full(b, stored), np.full(b, stored), (0.08, 1.0))
             draws = stage.draws(0, positions, device)
+            mixing = batch_augment.draws(0, positions, size, size) if batch_augment else None
             host_s = time.process_time() - t0
+            labels = torch.arange(b, device=device) % 1000
 
             def run(method: str = "auto"):
-                return stage.apply(dc.crop_resize(pixels, p.windows, p.flip, size, method=method), draws)
+                images = stage.apply(dc.crop_resize(pixels, p.windows, p.flip, size, method=method), draws)
+                return batch_augment.apply(images, labels, mixing) if batch_augment else images
 
             run()  # warm-up
             sync(device)
@@ -135,7 +140,8 @@ def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
                 times.append((time.perf_counter() - t0) * 1e3)
             counts[b] = tally(lambda: run("matmul"))
             timed[b] = (times, host_s)
-        what = "crop + flip + " + ("RandAugment rand-m9-mstd0.5-inc1 per sample + normalise" if policy else "normalise")
+        what = "crop + flip + " + ("RandAugment rand-m9-mstd0.5-inc1 per sample + normalise + RandomErasing 0.25 + "
+                                   "Mixup 0.8 / CutMix 1.0" if policy else "normalise")
         ops = {f"B={b}": c[0] for b, c in counts.items()}
         for b, (times, host_s) in timed.items():
             med = statistics.median(times)

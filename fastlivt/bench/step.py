@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from fastlivt.bench.common import DEMO_CONFIG, Row, demo_model_spec, device_name, sync, synthetic_batch
@@ -43,7 +44,9 @@ def _demo_loader(tmp: Path, device: torch.device, batch: int):
     convert(ccfg, progress=False)
     cfg = load_config(TrainConfig, DEMO_CONFIG, [f"data.train={tmp / 'train'}", "data.val=", "data.backend=ffcv",
                                                  f"data.batch_size={batch}"])
-    return build_loader(cfg, "train", "finetune", device=device)
+    loader = build_loader(cfg, "train", "finetune", device=device)
+    loader.batch_augment = None  # the batch augmentation is the next phase, timed on its own
+    return loader
 
 
 def _measure(step_fn: Callable[[], Dict[str, float]], warmup: int, repeats: int) -> Dict[str, List[float]]:
@@ -57,6 +60,8 @@ def _measure(step_fn: Callable[[], Dict[str, float]], warmup: int, repeats: int)
 
 
 def _step_fn(model, opt, loss_fn, augment, next_batch, device, autocast) -> Callable[[], Dict[str, float]]:
+    done = [0]  # batches so far: the augmentation's draws are those of the batches of one long epoch
+
     def step() -> Dict[str, float]:
         out: Dict[str, float] = {}
 
@@ -69,7 +74,9 @@ def _step_fn(model, opt, loss_fn, augment, next_batch, device, autocast) -> Call
         t = time.perf_counter()
         images, labels = next_batch()
         t = mark("loader", t)
-        images, target = augment(images, labels)
+        b = images.shape[0]
+        images, target = augment(images, labels, 0, np.arange(done[0] * b, (done[0] + 1) * b))
+        done[0] += 1
         t = mark("augment", t)
         with autocast():
             logits = model(images)
@@ -135,7 +142,7 @@ def run(quick: bool, device: torch.device) -> List[Row]:
         fixed = synthetic_batch(device, batch, img, classes)
         next_batch = lambda: (fixed[0].clone(), fixed[1])  # noqa: E731
 
-    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, device=device)
+    augment = BatchAugment(classes, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_cuda else (lambda: torch.autocast("cpu", enabled=False))
     loss_backends = ["torch", "triton"] if on_cuda else ["torch"]
     totals: Dict[str, Tuple[float, float]] = {}

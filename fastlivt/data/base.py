@@ -9,10 +9,10 @@ Stages (paper Table 9):
 
 * ``pretrain`` (MGP): RandomResizedCrop(scale=data.rrc_scale, ratio 3/4..4/3) + horizontal flip + normalise.
 * ``finetune`` (BFT): the same crop/flip, then RandAugment ``data.auto_augment`` per sample (timm's, in the device
-  stage every backend shares: :meth:`EpochLoader.device_stage`), normalise; the batch part
-  (RandomErasing, Mixup/CutMix, label smoothing) is ``loader.batch_augment``: a :class:`~fastlivt.data.augment.BatchAugment`
-  that **the training loop calls** on each batch, ``images, target = loader.batch_augment(images, labels)``, getting a
-  :class:`~fastlivt.targets.MixTarget`. The iterator itself always yields plain labels.
+  stage every backend shares: :meth:`EpochLoader.device_stage`), normalise; then the batch part (RandomErasing,
+  Mixup/CutMix, label smoothing): ``loader.batch_augment``, a :class:`~fastlivt.data.augment.BatchAugment` applied
+  by :meth:`EpochLoader.__iter__` to each batch with the batch's global positions, so that the pass yields
+  ``(images, MixTarget)`` (:class:`~fastlivt.targets.MixTarget`) instead of ``(images, labels)``.
 * ``eval``: resize the shorter side to int(img_size / eval_crop_pct) (bicubic) and center-crop img_size; the written
   order, no drop_last.
 """
@@ -59,7 +59,8 @@ def batch_device(device) -> torch.device:
 
 
 class EpochLoader:
-    """Base of every backend. Iterating yields one epoch of ``(images, labels)`` for this rank.
+    """Base of every backend. Iterating yields one epoch of ``(images, labels)`` for this rank (``(images,
+    MixTarget)`` with a ``batch_augment``).
 
     * ``len(loader)``: batches per epoch, the same on every rank (ceil(N / world) indices per rank, then
       floor or ceil by ``batch_size`` depending on ``drop_last``).
@@ -71,8 +72,9 @@ class EpochLoader:
       len(loader) * batch_size * world)``).
     * the contract of all this: :class:`fastlivt.data.contract.BatchLoader`.
     * images are float32 with the values of ``(x/255 - mean) / std``.
-    * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment the
-      training loop applies (see module docstring); ``None`` otherwise. ``manifest``: the split's manifest;
+    * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment each
+      pass applies to its batches, which then yields ``(images, MixTarget)`` (see module docstring); ``None``
+      otherwise. ``manifest``: the split's manifest;
       ``num_samples``: N. With world > 1 and N not divisible by world, the last ranks' plans end with wrapped-around
       repeats of the epoch's first samples (torch DistributedSampler's padding); evaluators that gather predictions
       should keep the first N of the rank-interleaved order.
@@ -119,7 +121,7 @@ class EpochLoader:
                 raise ValueError(f"Mixup/CutMix needs even, whole batches: data.batch_size={self.batch_size} "
                                  f"(must be even) and data.drop_last={d.drop_last} (must be true)")
             num_classes = cfg.model.num_classes or self.manifest.num_classes
-            self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, device=self.device)
+            self.batch_augment = BatchAugment(num_classes, d.mixup, d.cutmix, d.smoothing, d.reprob, seed=cfg.run.seed)
         self.epoch = 0
         self._seek: Optional[Tuple[int, int]] = None  # (consumed, end) of the next pass, global positions
         self._pass_offset = 0  # global positions of the epoch consumed before the current pass
@@ -153,7 +155,13 @@ class EpochLoader:
         indices = self.plan(seek=seek)
         self._pass_offset = seek[0] if seek is not None else 0
         if indices.size:
-            yield from self._iterate(indices)
+            if self.batch_augment is None or self.hand_over_only:
+                yield from self._iterate(indices)
+            else:  # the backends yield the plan's batches in order: batch k holds the next len(labels) positions
+                positions, first, epoch = self.positions(indices), 0, self.epoch
+                for images, labels in self._iterate(indices):
+                    batch_positions, first = positions[first:first + len(labels)], first + len(labels)
+                    yield self.batch_augment(images, labels, epoch, batch_positions)
         self.epoch += 1
 
     def positions(self, indices: np.ndarray) -> np.ndarray:

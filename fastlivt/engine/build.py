@@ -67,7 +67,7 @@ def build_run(cfg: TrainConfig, task: Task, make_loader: LoaderFactory, resume: 
         runtime.nonfinite = NonFiniteMonitor(cfg.run.nonfinite, cfg.run.nonfinite_max_skips, runtime.device,
                                              runtime.world)
         schedule = WarmupCosine(lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.run.epochs, steps_per_epoch)
-        ckpt.seed_everything(cfg.run.seed + runtime.rank)  # masks, drop path and mixup differ across ranks
+        ckpt.seed_everything(cfg.run.seed + runtime.rank)  # masks and drop path differ across ranks
 
         state = TrainState() if resume is None else resume.state(geometry, steps_per_epoch)
         logger = TrainLogger(out, start_step=state.step, resume=resume is not None, enabled=runtime.is_main,

@@ -9,9 +9,11 @@ Resumed on W' processes:
 - the optimizer step is re-expressed in the new steps per epoch (the schedule is a function of the fractional epoch,
   so the lr curve continues where it stopped);
 - the data position is global (samples of the epoch's plan consumed), so the rest of the epoch is read exactly once;
-- the random streams (masks, drop path, Mixup) are re-seeded from (seed, step, rank): there is no per-rank state to
+- the random streams (masks, drop path) are re-seeded from (seed, step, rank): there is no per-rank state to
   carry over to a different set of ranks, so the continued run is not bit-identical to an uninterrupted one (on the
-  same world size it still is).
+  same world size it still is). The data augmentation draws from (seed, epoch, global positions) instead: a sample's
+  crop, RandAugment and erasing box stay the same; the Mixup/CutMix of a batch follows the batch's first position,
+  and the erasing noise the batch (both change with the new split of the rest of the epoch into batches).
 """
 from __future__ import annotations
 

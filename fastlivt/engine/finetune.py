@@ -3,9 +3,9 @@
 A timm ViT classifier (global average pooling + fc_norm, head std 2e-5) initialised from the MGP encoder export
 (``model.init``; position embeddings interpolated when the resolution changes), trained by the shared loop with
 layer-wise lr decay (``optim.layer_decay``), drop path, AdamW(0.9, 0.99), warmup + cosine to ``optim.min_lr``, the
-loader's batch augmentation (RandomErasing, Mixup/CutMix → :class:`fastlivt.targets.MixTarget`) and the loss of
-:func:`fastlivt.losses.build_loss` (Bal-BCE by default: logit bias τ·(log π − log(1−π) + log(C−1)) from the training
-manifest's class counts, training only). Optional EMA of the weights (timm ``ModelEmaV3``, ``run.ema``).
+batch augmentation the loader applies (RandomErasing, Mixup/CutMix → :class:`fastlivt.targets.MixTarget`) and the
+loss of :func:`fastlivt.losses.build_loss` (Bal-BCE by default: logit bias τ·(log π − log(1−π) + log(C−1)) from the
+training manifest's class counts, training only). Optional EMA of the weights (timm ``ModelEmaV3``, ``run.ema``).
 
 Every ``run.eval_every`` epochs (and after the last) the model is evaluated on ``data.val`` with raw logits: top-1,
 top-5 and many/medium/few accuracy; the best top-1 is kept as checkpoint ``best`` and exported to
@@ -99,8 +99,9 @@ def check_not_test(cfg: TrainConfig) -> None:
 
 
 class BFTTask:
-    """The BFT stage for :func:`fastlivt.engine.loop.train`. Holds the loss, the batch augmentation, the EMA model,
-    the evaluation loader, the training class counts and the best top-1 so far."""
+    """The BFT stage for :func:`fastlivt.engine.loop.train`. Holds the loss, the loader's batch augmentation (for
+    the log: the loader applies it), the EMA model, the evaluation loader, the training class counts and the best
+    top-1 so far."""
 
     name, stage = "bft", "finetune"
 
@@ -153,12 +154,10 @@ class BFTTask:
             log.info("data.val is empty: no evaluation during fine-tuning and no 'best' checkpoint; the last epoch's "
                      "weights are the result (evaluate them on the test split)")
 
-    def forward(self, run: Run, images: torch.Tensor, labels: torch.Tensor):
-        target = labels
-        if self.augment is not None:
-            images, target = self.augment(images, labels)
+    def forward(self, run: Run, images: torch.Tensor, labels):
+        """``labels``: hard labels, or the MixTarget of a batch the loader has augmented (``loader.batch_augment``)."""
         logits = run.model(images)
-        return self.criterion(logits, target), {}
+        return self.criterion(logits, labels), {}
 
     def after_step(self, run: Run) -> None:
         if self.ema is not None:

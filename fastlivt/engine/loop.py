@@ -9,7 +9,8 @@ What differs between MGP and BFT is a :class:`Task` (``fastlivt.engine.pretrain.
 ``fastlivt.engine.finetune.BFTTask``). The loader is ``fastlivt.data.build_loader`` unless a test injects another
 object meeting :class:`fastlivt.data.contract.BatchLoader` (``len``, ``set_epoch``, ``seek(consumed, end)``: the next
 pass reads positions [consumed, end) of the epoch's global order split over the ranks, iteration over
-``(images, labels)`` on the device, ``manifest``, ``batch_augment``).
+``(images, labels)`` on the device — labels a MixTarget when the loader applies BFT's batch augmentation —
+``manifest``, ``batch_augment``).
 
 Exact resume: the run's state is parts that save and load themselves (:mod:`fastlivt.engine.checkpointer`): the
 :class:`~fastlivt.engine.train_state.TrainState` (epoch, step, samples of the epoch's global order consumed, where the

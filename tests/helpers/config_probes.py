@@ -139,11 +139,10 @@ def loader_probe(cfg: TrainConfig, manifest: Any) -> Any:
             out[split] = [describe(loader, depth=6), loader.plan(0).tolist(), loader.describe(), loader.manifest.root]
             if cfg.data.backend == "ffcv":  # FFCV's own Loader: workers, OS cache or process cache, batches ahead
                 out[split].append({k: describe(v, 1) for k, v in vars(loader.loader).items()})
-            if cfg.data.backend == "torch":  # cheap to read: one batch, then the batch augmentation on it
+            if cfg.data.backend == "torch":  # cheap to read: one batch (batch augmentation applied when set)
                 images, labels = next(iter(loader))
-                out[split].append((describe(images), labels.tolist()))
-                if loader.batch_augment is not None:
-                    out[split].append(describe(loader.batch_augment(images, labels)))
+                target = labels.tolist() if isinstance(labels, torch.Tensor) else describe(labels)
+                out[split].append((describe(images), target))
     return out
 
 
@@ -175,7 +174,7 @@ def run_probe(cfg: TrainConfig, manifest: Any) -> Any:
     def make(c: TrainConfig, split: str, stage: str, runtime: Any) -> MemoryLoader:
         if split == "val":
             return MemoryLoader(images, labels, 4, manifest, shuffle=False, drop_last=False)
-        aug = BatchAugment(CLASSES, c.data.mixup, c.data.cutmix, c.data.smoothing, c.data.reprob) \
+        aug = BatchAugment(CLASSES, c.data.mixup, c.data.cutmix, c.data.smoothing, c.data.reprob, seed=c.run.seed) \
             if stage == "finetune" else None
         return MemoryLoader(images, labels, c.data.batch_size, manifest, seed=c.run.seed, batch_augment=aug)
 

@@ -204,7 +204,8 @@ def loop_loaders(crash_after=None):
         m.class_counts = list(LT)
         aug = None
         if stage == "finetune":
-            aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob)
+            aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob,
+                               seed=cfg.run.seed)
         return MemoryLoader_(x[keep], y[keep], cfg.data.batch_size, m, seed=cfg.run.seed, crash_after=crash_after,
                             batch_augment=aug, rank=runtime.rank, world=runtime.world)
     return make

@@ -67,7 +67,8 @@ def loader_factory(made: list, crash_after=None):
             m = write_manifest(root / f"val{runtime.rank}", yt.numpy(), 10, split="val")
             return MemoryLoader(xt, yt, 8, m, shuffle=False, drop_last=False, rank=runtime.rank, world=runtime.world)
         m = write_manifest(root / f"train{runtime.rank}", y.numpy(), 10)
-        aug = BatchAugment(10, cfg.data.mixup, 0.0, cfg.data.smoothing, 0.0) if stage == "finetune" else None
+        aug = BatchAugment(10, cfg.data.mixup, 0.0, cfg.data.smoothing, 0.0, seed=cfg.run.seed) \
+            if stage == "finetune" else None
         loader = MemoryLoader(x[keep], y[keep], cfg.data.batch_size, m, seed=cfg.run.seed, crash_after=crash_after,
                               batch_augment=aug, rank=runtime.rank, world=runtime.world)
         made.append(loader)

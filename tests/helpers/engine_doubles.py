@@ -33,7 +33,8 @@ def write_manifest(directory: Path, labels: np.ndarray, num_classes: int, split:
 class MemoryLoader:
     """Batches of in-memory tensors with the training loader's interface (:class:`fastlivt.data.contract.BatchLoader`):
     ``len``, ``set_epoch(epoch)``, ``seek(consumed, end)``, iteration over ``(images, labels)``, ``manifest``,
-    ``num_samples``, ``close`` and ``batch_augment``.
+    ``num_samples``, ``close`` and ``batch_augment`` (applied to each batch with its samples' positions in the epoch's
+    order, ``start + rank + world * k``, yielding ``(images, MixTarget)``, as the real loaders do).
     The order of each epoch is a permutation seeded by (seed, epoch); rank r takes every world-th position of it (of
     positions [consumed, end) after a seek). ``crash_after`` raises :class:`SimulatedCrash` when that many batches have
     been handed out by this object (across epochs). ``read`` records the sample indices of every batch handed out."""
@@ -78,7 +79,9 @@ class MemoryLoader:
         """Nothing to stop: no threads or workers."""
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        start = self._seek[0] if self._seek else 0
         idx, self._seek = self._indices(), None
+        positions = (start + self.rank + self.world * np.arange(len(idx))).astype(np.int64)  # in the epoch's order
         n_batches = len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
         torch.empty((), dtype=torch.int64).random_()  # as torch's DataLoader draws its workers' base seed
         for b in range(n_batches):
@@ -87,7 +90,12 @@ class MemoryLoader:
             self.handed_out += 1
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             self.read.append((self.epoch, sel.tolist()))
-            yield self.images[sel].clone(), self.labels[sel].clone()
+            images, labels = self.images[sel].clone(), self.labels[sel].clone()
+            if self.batch_augment is None:
+                yield images, labels
+            else:  # as the real loaders: the batch augmentation drawn from (seed, epoch, positions) -> MixTarget
+                yield self.batch_augment(images, labels, self.epoch,
+                                         positions[b * self.batch_size:b * self.batch_size + len(sel)])
 
 
 def _read_idx(path: Path) -> np.ndarray:

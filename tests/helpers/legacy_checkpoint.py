@@ -6,6 +6,11 @@ Tiny ViT at 16 px on 48 long-tailed Fashion-MNIST images, batch 8, accumulation 
 EMA on, checkpoint every 2 steps, stopped by ``run.max_steps=4``: ``last`` is mid-epoch (epoch 1, 16 of 48 samples,
 step 4). A resume with ``run.max_steps=0`` continues to step 6.
 
+The fixture's run drew its batch augmentation from the global generators (:class:`FixtureBatchAugment`, timm's code as
+BatchAugment ran it then); the augmentation now draws from (seed, epoch, positions). The uninterrupted reference run
+therefore augments the batches ``last.pt`` was trained on as the fixture's run did, and the rest as a resumed run does
+(:class:`FixtureThenCurrent`).
+
 ``python3 tests/helpers/legacy_checkpoint.py`` rewrites the fixture (only meaningful with the engine that wrote it).
 """
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -43,8 +49,46 @@ def fixture_cfg(out, max_steps: int) -> TrainConfig:
     return cfg
 
 
-def fixture_loaders(manifest_dir: Path, val_dir: Path):
-    """The loader factory of the fixture's run: train on ``manifest_dir``'s manifest, validate on ``val_dir``'s."""
+class FixtureBatchAugment:
+    """The batch augmentation the fixture's run applied, when BatchAugment still drew from the global generators:
+    timm ``RandomErasing`` (mode 'pixel', one box; Python's ``random`` and torch's generator), then timm ``Mixup``
+    in batch mode (numpy's generator), on each batch right before its forward pass."""
+
+    def __init__(self, num_classes: int, mixup: float, cutmix: float, smoothing: float, reprob: float):
+        from timm.data.mixup import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        self.smoothing = smoothing
+        self.mixer = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                           correct_lam=True, label_smoothing=smoothing, num_classes=num_classes)
+        self.eraser = RandomErasing(reprob, mode="pixel", max_count=1, num_splits=0, device="cpu")
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        from fastlivt.targets import MixTarget
+
+        images = self.eraser(images)
+        lam = float(self.mixer._mix_batch(images))
+        return images, MixTarget(labels, labels.flip(0), lam, self.smoothing)
+
+
+class FixtureThenCurrent:
+    """A batch augmentation for a run that redoes the fixture's training and goes on: the fixture's
+    (:class:`FixtureBatchAugment`) for the batches before ``until = (epoch, first position)`` — what ``last.pt`` was
+    trained on — and the current one, drawn from (seed, epoch, positions), from there."""
+
+    def __init__(self, fixture: FixtureBatchAugment, current, until: tuple):
+        self.fixture, self.current, self.until = fixture, current, until
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, epoch: int, positions):
+        if (epoch, int(positions[0])) < self.until:
+            return self.fixture(images, labels)
+        return self.current(images, labels, epoch, positions)
+
+
+def fixture_loaders(manifest_dir: Path, val_dir: Path, fixture_until: Optional[tuple] = None):
+    """The loader factory of the fixture's run: train on ``manifest_dir``'s manifest, validate on ``val_dir``'s.
+    ``fixture_until = (epoch, position)``: the batches before it augmented as the fixture's run did
+    (:class:`FixtureThenCurrent`); otherwise all by the current BatchAugment."""
     from fastlivt.data_prep.manifest import load_manifest
     from fastlivt.data.augment import BatchAugment
 
@@ -59,7 +103,10 @@ def fixture_loaders(manifest_dir: Path, val_dir: Path):
         if split == "val":
             return MemoryLoader(torch.nn.functional.avg_pool2d(xt, 2), yt, 8, val_manifest, shuffle=False,
                                 drop_last=False)
-        aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob)
+        aug = BatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob, seed=cfg.run.seed)
+        if fixture_until is not None:
+            fixture = FixtureBatchAugment(10, cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob)
+            aug = FixtureThenCurrent(fixture, aug, fixture_until)
         return MemoryLoader(xs, ys, cfg.data.batch_size, train_manifest, seed=cfg.run.seed, batch_augment=aug)
     return make
 

@@ -2,10 +2,10 @@
 killed with SIGKILL mid-epoch and resumed with ``--resume`` ends with the exported weights of an uninterrupted run
 (CPU, tiny model, a few seconds of training).
 
-One fixed-step case per backend: ffcv and torch with BFT (RandAugment, RandomErasing and smoothing on), dali with MGP. The
-other stage x backend x kill-step combinations are guarded one layer down, in process: every stage and crash step by
-tests/fastlivt/engine/test_loop.py (MGP and BFT, mid-epoch and after an epoch boundary), every backend x stage's
-batches across a resume by tests/fastlivt/data/test_registry_reproducible.py."""
+One fixed-step case per backend: ffcv and torch with BFT (RandAugment, RandomErasing, Mixup/CutMix and smoothing
+on), dali with MGP. The other stage x backend x kill-step combinations are guarded one layer down, in process: every
+stage and crash step by tests/fastlivt/engine/test_loop.py (MGP and BFT, mid-epoch and after an epoch boundary),
+every backend x stage's batches across a resume by tests/fastlivt/data/test_registry_reproducible.py."""
 import os
 import signal
 import subprocess
@@ -47,8 +47,9 @@ def _command(stage: str, backend: str, data: Path, out: Path, resume: bool = Fal
             f"run.out={out}", "optim.warmup_epochs=1"]
     if stage == "pretrain":
         over += ["model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2"]
-    else:  # RandAugment, RandomErasing and smoothing on: per-sample and global-generator randomness both matter
-        over += ["model.init=", "data.auto_augment=rand-m9-mstd0.5-inc1", "run.eval_every=2", "loss.fused=torch"]
+    else:  # RandAugment, RandomErasing, Mixup/CutMix, smoothing: position-keyed draws and global generators (drop path)
+        over += ["model.init=", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0",
+                 "run.eval_every=2", "loss.fused=torch"]
     return [sys.executable, "-m", "fastlivt", stage, "--config", str(config), *(["--resume"] if resume else []), *over]
 
 

@@ -183,13 +183,13 @@ def test_finetune_ffcv_with_jit_randaugment_and_batch_augment(converted):
     cfg = _cfg(out, "ffcv", "data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0",
                "data.smoothing=0.1", "data.reprob=0.25", "data.rrc_scale=[0.08,1.0]")
     loader = build_loader(cfg, "train", "finetune")
-    images, labels = next(iter(loader))
-    assert images.shape == (16, 3, 32, 32) and labels.dtype == torch.int64
-    assert np.array_equal(labels.numpy(), loader.labels[loader.plan(0)[:16]])
-    mixed, target = loader.batch_augment(images.clone(), labels)
+    images, target = next(iter(loader))  # the loader applies the batch augmentation: a MixTarget
+    assert images.shape == (16, 3, 32, 32) and target.label_a.dtype == torch.int64 and torch.isfinite(images).all()
+    assert np.array_equal(target.label_a.numpy(), loader.labels[loader.plan(0)[:16]])
     dense = target.dense(4, torch.float64)
     torch.testing.assert_close(dense.sum(1), torch.ones(16, dtype=torch.float64))
-    assert torch.equal(target.label_a, labels) and 0 <= target.lam <= 1 and target.smoothing == 0.1
+    assert torch.equal(target.label_b, target.label_a.flip(0)) and 0 <= target.lam <= 1 and target.smoothing == 0.1
+    assert target.lam == loader.batch_augment.draws(0, np.arange(16), 32, 32).mix.lam
 
 
 def test_finetune_dali_randaugment_runs(converted):
@@ -308,6 +308,5 @@ def test_cuda_loaders_follow_the_plan(converted, reference, backend, extra):
     assert np.array_equal(np.concatenate(labels), loader.labels[loader.plan(0)])
     ft = build_loader(_cfg(out, backend, "data.auto_augment=rand-m9-mstd0.5-inc1", "data.mixup=0.8", "data.cutmix=1.0",
                            "data.smoothing=0.1", "data.reprob=0.25", *extra), "train", "finetune", device="cuda")
-    x, y = next(iter(ft))
-    x, target = ft.batch_augment(x, y)
+    x, target = next(iter(ft))  # augmented by the loader on the device
     assert x.is_cuda and torch.isfinite(x).all() and target.dense(4).is_cuda

@@ -23,7 +23,9 @@ def test_resume_from_a_first_format_checkpoint_equals_the_uninterrupted_run(tmp_
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copyfile(FIXTURE / "last.pt", tmp_path / "b" / "checkpoints" / "last.pt")
 
-    make_a = fixture_loaders(tmp_path / "data", tmp_path / "val_a")
+    # the run that never stopped: the fixture's training (its batch augmentation from the global generators, as
+    # written) up to the checkpoint at epoch 1, position 16, then the current augmentation, as the resumed run
+    make_a = fixture_loaders(tmp_path / "data", tmp_path / "val_a", fixture_until=(1, 16))
     task_a = BFTTask()
     a = train(fixture_cfg(tmp_path / "a", max_steps=0), task_a, make_loader=make_a)
     loaders_b = []

@@ -62,7 +62,8 @@ def loaders(data, cfg, n_train: int, crash_after=None):
             return MemoryLoader(fit(data["xt"]), data["yt"], 16, data["val"], shuffle=False, drop_last=False)
         aug = None
         if stage == "finetune":
-            aug = BatchAugment(10, cfg_.data.mixup, cfg_.data.cutmix, cfg_.data.smoothing, cfg_.data.reprob)
+            aug = BatchAugment(10, cfg_.data.mixup, cfg_.data.cutmix, cfg_.data.smoothing, cfg_.data.reprob,
+                               seed=cfg_.run.seed)
         return MemoryLoader(xs[keep], ys[keep], cfg_.data.batch_size, data["train"], seed=cfg_.run.seed,
                             crash_after=crash_after, batch_augment=aug)
     return make
