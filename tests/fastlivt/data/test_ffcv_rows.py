@@ -112,21 +112,6 @@ def _no_numba_jit():
     Compiler.set_enabled(True)
 
 
-def test_mixed_modes_give_the_shared_crops_of_each_samples_image(mixed):
-    refs = _references(mixed / "train.beton")
-    with build_loader(_cfg(mixed), "train", "pretrain") as loader:
-        plan = loader.plan(0)
-        p = loader.sample_params(plan, loader.heights[plan], loader.widths[plan])  # epoch 0's, before the pass
-        images = torch.cat([x.clone() for x, _ in loader])
-    expected = dc.crop_resize([refs[i] for i in plan], p.windows, p.flip, 24)
-    assert torch.equal(_to_uint8(images), expected)
-    with build_loader(_cfg(mixed), "val", "eval") as loader:
-        images = torch.cat([x.clone() for x, _ in loader])
-        resize = loader.eval_resize()
-    sizes = np.array([r.shape[1:] for r in refs])
-    assert torch.equal(_to_uint8(images), dc.resize_center_crop(refs, sizes, resize, 24))
-
-
 def test_hand_over_only_yields_the_rows_with_the_draws_made(mixed):
     from fastlivt.data.ffcv_ops import row_header
 
@@ -180,3 +165,35 @@ def test_the_rows_are_allocated_once_per_loader_and_reused_by_every_pass(mixed):
     assert rows_buffers[0] is rows_buffers[1]  # the same memory in both passes
     assert label_buffers[0] and all(a is not b for a, b in zip(label_buffers[0], label_buffers[1]))  # FFCV's own
     assert torch.equal(passes[0], passes[1])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_mixed_modes_give_the_shared_crops_of_each_samples_image(mixed, device):
+    """Raw rows viewed as pixels (copied over on a GPU), JPEG rows decoded (nvJPEG on a GPU), both in one zero-padded
+    batch: each batch equals the shared crop of its samples decoded one by one on the device, train and eval (the
+    same padded extent: the batch's largest image)."""
+    from ffcv.pipeline.compiler import Compiler
+
+    from fastlivt.data.ffcv_ops import JPG
+
+    Compiler.set_enabled(device == "cuda")  # numba's compile once, where the GPU test runs
+    dev = torch.device(device)
+    refs = [decode_jpeg(torch.from_numpy(data.copy()), device=dev) if mode == JPG else
+            torch.from_numpy(data.copy()).view(h, w, 3).permute(2, 0, 1).to(dev)
+            for h, w, mode, data in beton_stored(mixed / "train.beton")]
+    for stage, which in (("pretrain", "train"), ("eval", "val")):
+        with build_loader(_cfg(mixed), which, stage, device=device) as loader:
+            plan = loader.plan(0)
+            p = loader.sample_params(plan, loader.heights[plan], loader.widths[plan])  # epoch 0's, before the pass
+            resize = loader.eval_resize()
+            batches = [x.clone() for x, _ in loader]
+        assert all(x.device.type == device for x in batches) and sum(x.shape[0] for x in batches) == plan.size
+        for k, x in enumerate(batches):
+            at = slice(5 * k, 5 * k + x.shape[0])
+            images = [refs[i] for i in plan[at]]
+            if stage == "eval":
+                sizes = np.array([r.shape[1:] for r in images])
+                expected = dc.resize_center_crop(images, sizes, resize, 24)
+            else:
+                expected = dc.crop_resize(images, p.windows[at], p.flip[at], 24)
+            assert torch.equal(_to_uint8(x.cpu()), expected.cpu()), f"{stage} batch {k}"
