@@ -134,10 +134,9 @@ class StoredBytes(SimpleRGBImageDecoder):
                 line = width * 3
                 if mode != raw or line == row_stride:
                     out[head:head + n] = data
-                else:
-                    for y in range(height):
-                        start = head + y * row_stride
-                        out[start:start + line] = data[y * line:(y + 1) * line]
+                else:  # narrower than the widest image: row by row, as one strided copy
+                    rows = out[head:head + height * row_stride].reshape(height, row_stride)
+                    rows[:, :line] = data.reshape(height, line)
             return destination[:len(batch_indices)]
 
         copy_stored.is_parallel = True
