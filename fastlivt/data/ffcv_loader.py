@@ -8,9 +8,10 @@ loader's device, per batch, in the code every backend shares: raw rows are copie
 viewed as one zero-padded ``[B,3,H,W]`` batch; JPEG rows are decoded by
 :func:`~fastlivt.data.device_decode.decode_batch` (nvJPEG on CUDA, libjpeg-turbo for the CPU) and padded into it;
 then :func:`~fastlivt.data.device_crop.crop_resize` (train: RandomResizedCrop + flip with each sample's window) or
-:func:`~fastlivt.data.device_crop.resize_center_crop` (eval: the torch backend's Resize + CenterCrop), then
-:meth:`EpochLoader.device_stage` (RandAugment for finetune, normalisation). So batches are the same in every run with
-any number of workers, and a raw .beton gives the torch backend's pixels for the same images.
+:func:`~fastlivt.data.device_crop.resize_center_crop` (eval: the torch backend's Resize + CenterCrop), then the
+device stage every backend shares (:class:`~fastlivt.data.device_stage.DeviceStage`: RandAugment for finetune,
+normalisation). So batches are the same in every run with any number of workers, and a raw .beton gives the torch
+backend's pixels for the same images.
 
 The long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)``
 on it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
@@ -77,7 +78,7 @@ class FFCVLoader(EpochLoader):
         if not path.is_file():
             raise ManifestError(f"{path}: .beton named in the manifest is missing")
         self.path, d = path, cfg.data
-        self.rows_op = StoredBytes(jpeg_max_bytes(Reader(str(path)), "image"))
+        self.rows_op = StoredBytes(jpeg_max_bytes(Reader(str(path)), "image"), str(path))
         non_blocking = self.device.type == "cuda"
         label = [IntDecoder(), ToTensor(), ToDevice(self.device, non_blocking=non_blocking)]
         self.order = PlanOrder(self.plan(0))

@@ -93,16 +93,16 @@ class StoredBytes(SimpleRGBImageDecoder):
 
     KEEP_BUFFERS = True  # its rows are allocated once per loader (PlanLoader), not per pass
 
-    def __init__(self, jpeg_bytes: int):
+    def __init__(self, jpeg_bytes: int, source: str = "RGBImageField"):
         super().__init__()
-        self.jpeg_bytes = int(jpeg_bytes)
+        self.jpeg_bytes, self.source = int(jpeg_bytes), source  # source: the .beton, for messages
 
     def layout(self) -> Tuple[int, int, int]:
         """(max_height, max_width, row bytes) of this .beton's rows (FFCV sets the metadata before the first call)."""
         heights, widths, modes = self.metadata["height"], self.metadata["width"], self.metadata["mode"]
         unknown = set(np.unique(modes).tolist()) - {RAW, JPG}
         if unknown:
-            raise ValueError(f"RGBImageField: unknown image mode(s) {sorted(unknown)} (FFCV writes 0 jpg, 1 raw)")
+            raise ValueError(f"{self.source}: unknown image mode(s) {sorted(unknown)} (FFCV writes 0 jpg, 1 raw)")
         max_h, max_w = int(heights.max()), int(widths.max())
         pixels = max_h * max_w * 3 if (modes == RAW).any() else 0
         payload = max(pixels, self.jpeg_bytes)
