@@ -2,10 +2,11 @@
 and the device stage every backend shares after it (:class:`~fastlivt.data.device_stage.DeviceStage`).
 
 * Host time (``extra.host_us_per_image``): CPU microseconds per image a GPU machine's host spends before the batch
-  goes to the device — the loader iterated with ``hand_over_only`` (ffcv: reading, decode and crop in FFCV's
-  pipeline; dali: its graph; both plus the RandAugment draws), or, for the torch backend, whose decode and crop run on
-  the device, the reading of the bytes (its DataLoader items), the image size from the JPEG header and the crop,
-  flip and RandAugment draws. The row's ``extra.host_does`` says which.
+  goes to the device — the loader iterated with ``hand_over_only`` (ffcv: FFCV's pipeline copying each sample's
+  stored bytes into pinned rows, the crop, flip and RandAugment draws and the queued copy of raw rows, its decode and
+  crop running on the device; dali: its graph plus the RandAugment draws), or, for the torch backend, whose decode
+  and crop run on the device, the reading of the bytes (its DataLoader items), the image size from the JPEG header
+  and the crop, flip and RandAugment draws. The row's ``extra.host_does`` says which.
 * Device stage (``device stage`` rows): milliseconds per batch of the shared device pipeline — crop + flip from the
   stored pixels, RandAugment per sample (BFT), normalisation, RandomErasing + Mixup/CutMix (BFT) — at 224 px, B = 32 and B = 256, with
   ``extra.device_ops_per_batch``: the aten operations one batch dispatches at each B (a TorchDispatchMode count on
@@ -35,8 +36,10 @@ def host_does(backend: str, stage: str) -> str:
     draws = "crop/flip draws" + (" + RandAugment draws" if stage == "finetune" else "")
     return {
         "torch-pil": "everything (PIL decode, crop, flip, RandAugment, ToTensor, normalise: the reference)",
-        "ffcv-jpg": f"read JPEG + decode + RandomResizedCrop + flip in FFCV, {draws}",
-        "ffcv-raw": f"read raw pixels + RandomResizedCrop + flip in FFCV, {draws}",
+        "ffcv-jpg": f"read the stored JPEG bytes into pinned rows in FFCV, {draws} (decode, crop on the device, "
+                    f"nvJPEG's host-side parsing with them)",
+        "ffcv-raw": f"read the stored raw pixels into pinned rows in FFCV, {draws}, queue their copy (crop on the "
+                    f"device)",
         "dali-cpu": f"read JPEG + DALI CPU decode + crop + flip, {draws}",
         "dali-mixed": f"read JPEG + DALI's host side of nvJPEG decode, {draws}",
     }.get(backend, f"read JPEG bytes + header size, {draws} (decode, crop on the device)")

@@ -71,7 +71,7 @@ class EpochLoader:
       ``seek``; n whole batches into an epoch of whole batches is ``seek(n * batch_size * world,
       len(loader) * batch_size * world)``).
     * the contract of all this: :class:`fastlivt.data.contract.BatchLoader`.
-    * images are float32 with the values of ``(x/255 - mean) / std``; FFCV's come in channels_last memory layout.
+    * images are float32 with the values of ``(x/255 - mean) / std``.
     * ``batch_augment``: for ``finetune`` with any of data.mixup/cutmix/reprob/smoothing > 0, the BatchAugment each
       pass applies to its batches, which then yields ``(images, MixTarget)`` (see module docstring); ``None``
       otherwise. ``manifest``: the split's manifest;

@@ -1,25 +1,37 @@
-"""FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines.
+"""FFCV backend: the split's ``.beton`` read through FFCV's compiled pipelines; every pixel handled on the device.
 
-Image pipeline on the host: :class:`~fastlivt.data.ffcv_ops.SeededRRCDecoder` (train: RandomResizedCrop + flip) or
-``CenterCropRGBImageDecoder(ratio=eval_crop_pct)`` (eval), ``ToTensor``, ``ToDevice``, ``ToTorchImage``; the uint8
-batch then goes through the device stage every backend shares (:meth:`EpochLoader.device_stage`: timm's RandAugment
-per sample for finetune with ``data.auto_augment``, normalisation) on the loader's device. Every random parameter
-(crop window, flip, RandAugment draws) is computed on the host from (run.seed, epoch, global position) by
-:mod:`fastlivt.data.sample_rng`: the crop's for the whole pass, handed to the decoder per batch
-(:class:`~fastlivt.data.ffcv_ops.PlanLoader`), RandAugment's per batch as it reaches the device stage, so batches
-are the same in every run, with any number of workers. The
-long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)`` on
-it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
+On the host, FFCV's pipeline only copies each sample's stored bytes — raw pixels or the JPEG — into one pinned row per
+sample (:class:`~fastlivt.data.ffcv_ops.StoredBytes`, parallel over the batch in ``data.workers`` threads; the row
+layout is in its docstring), and the crop windows, flips and RandAugment draws are computed from (run.seed, epoch,
+global position) by :mod:`fastlivt.data.sample_rng` (the crop's for the whole pass, RandAugment's per batch). On the
+loader's device, per batch, in the code every backend shares: raw rows are copied over (a side CUDA stream) and
+viewed as one zero-padded ``[B,3,H,W]`` batch; JPEG rows are decoded by
+:func:`~fastlivt.data.device_decode.decode_batch` (nvJPEG on CUDA, libjpeg-turbo for the CPU) and padded into it;
+then :func:`~fastlivt.data.device_crop.crop_resize` (train: RandomResizedCrop + flip with each sample's window) or
+:func:`~fastlivt.data.device_crop.resize_center_crop` (eval: the torch backend's Resize + CenterCrop), then the
+device stage every backend shares (:class:`~fastlivt.data.device_stage.DeviceStage`: RandAugment for finetune,
+normalisation). So batches are the same in every run with any number of workers, and a raw .beton gives the torch
+backend's pixels for the same images.
+
+The long-tail sampler enters as :class:`PlanOrder`, a ``TraversalOrder`` *instance* (FFCV 1.0.2 calls ``order(loader)``
+on it) that returns the plan the base class computed for the current (epoch, skip); FFCV's own ``distributed`` mode is
 not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
+Where the per-batch work runs: with the CPU as the device, in FFCV's epoch thread, ``data.batches_ahead`` batches
+ahead of the training step (as FFCV's own decoding did); on CUDA, in the iterating thread, its kernels queued on the
+current stream, and, as FFCV recycles a batch's host rows once the batch after next is taken, the copy of a batch's
+rows to the device is waited for before the next batch is taken.
 """
 from __future__ import annotations
 
-from typing import Iterator, Tuple
+import itertools
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from fastlivt.data_prep.manifest import ManifestError
+from fastlivt.data import device_crop as dc
+from fastlivt.data import device_decode as dd
 from fastlivt.data.base import EpochLoader
 from fastlivt.logs import get_logger
 
@@ -27,6 +39,7 @@ try:
     from ffcv.traversal_order.base import TraversalOrder
 except ImportError as e:  # pragma: no cover - ffcv is a hard dependency of this backend
     raise ImportError(f"data.backend=ffcv needs ffcv 1.0.2 (pip install ffcv): {e}") from e
+from fastlivt.data.ffcv_ops import HEADER_BYTES, RAW, Failed, StoredBytes, jpeg_max_bytes, row_header  # noqa: E402
 
 log = get_logger(__name__)
 
@@ -54,54 +67,137 @@ class FFCVLoader(EpochLoader):
     def __init__(self, cfg, split, stage, device=None, rank=0, world=1):
         super().__init__(cfg, split, stage, device, rank, world)
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
-        from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+        from ffcv.reader import Reader
+        from ffcv.transforms import ToDevice, ToTensor
 
-        from fastlivt.data.ffcv_ops import PlanLoader, SeededRRCDecoder
+        from fastlivt.data.ffcv_ops import PlanLoader
 
         if not self.manifest.ffcv:
             raise ManifestError(f"{self.manifest.root}: no .beton in the manifest (convert with --formats ffcv)")
         path = self.manifest.path(self.manifest.ffcv)
         if not path.is_file():
             raise ManifestError(f"{path}: .beton named in the manifest is missing")
-        d, size = cfg.data, self.img_size
-        self.decoder = None
-        if self.train:
-            self.decoder = SeededRRCDecoder((size, size))
-            image = [self.decoder]
-        else:
-            image = [CenterCropRGBImageDecoder((size, size), ratio=d.eval_crop_pct)]
+        self.path, d = path, cfg.data
+        self.rows_op = StoredBytes(jpeg_max_bytes(Reader(str(path)), "image"), str(path))
         non_blocking = self.device.type == "cuda"
-        image += [ToTensor(), ToDevice(self.device, non_blocking=non_blocking), ToTorchImage()]
         label = [IntDecoder(), ToTensor(), ToDevice(self.device, non_blocking=non_blocking)]
         self.order = PlanOrder(self.plan(0))
         self.loader = PlanLoader(str(path), batch_size=self.batch_size, num_workers=max(1, d.workers), os_cache=d.os_cache,
-                             order=self.order, distributed=False, seed=cfg.run.seed,
-                             pipelines={"image": image, "label": label}, drop_last=False,
-                             batches_ahead=d.batches_ahead)
+                                 order=self.order, distributed=False, seed=cfg.run.seed,
+                                 pipelines={"image": [self.rows_op, ToTensor()], "label": label}, drop_last=False,
+                                 batches_ahead=d.batches_ahead)
         if self.loader.reader.num_samples != self.num_samples:
             raise ManifestError(f"{path}: {self.loader.reader.num_samples} rows, manifest says {self.num_samples}")
         image_meta = self.loader.reader.metadata[f"f{list(self.loader.reader.handlers).index('image')}"]
         self.heights = image_meta["height"].astype(np.int64)
         self.widths = image_meta["width"].astype(np.int64)
-        log.debug("ffcv pipelines: image=%s", [type(op).__name__ for op in image])
+        self.max_height, self.max_width, _ = self.rows_op.layout()
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        jpeg = int((image_meta["mode"] == 0).sum())
+        log.info("ffcv loader: %s: %d raw + %d JPEG samples; host reads bytes, %s decode + crop on %s", path.name,
+                 self.num_samples - jpeg, jpeg, "nvJPEG" if self.device.type == "cuda" else "CPU", self.device)
 
-    def _param_tables(self, indices: np.ndarray):
-        if not self.train:
-            return {}
-        params = self.sample_params(indices, self.heights[indices], self.widths[indices])
-        return {self.decoder: np.concatenate([params.windows, params.flip[:, None].astype(np.int64)], axis=1)}
+    # ------------------------------------------------------------------------------------------------ one batch
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A small host array on the loader's device, copied from pinned memory."""
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        return t if self._copy_stream is None else t.pin_memory().to(self.device, non_blocking=True)
 
+    def _rows_to_device(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
+        """FFCV's pinned rows on the device (the rows themselves on the CPU), and the event after which FFCV may
+        reuse them: copied on a side stream, so the copy waits for no training work queued before it."""
+        if self._copy_stream is None:
+            return rows, None
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            on_device = rows.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        current.wait_event(copied)
+        on_device.record_stream(current)
+        return on_device, copied
+
+    def _pixels(self, rows: torch.Tensor, header: np.ndarray, indices: np.ndarray):
+        """uint8 ``[B,3,H,W]`` zero-padded batch of the rows' images on the device, and the copy's event."""
+        n, raw = rows.shape[0], header[:, 2] == RAW
+        pixels, copied, owned = None, None, False  # owned: not a view of FFCV's rows on the CPU
+        if raw.any():
+            on_device, copied = self._rows_to_device(rows)
+            owned = copied is not None
+            area = self.max_height * self.max_width * 3
+            pixels = on_device[:, HEADER_BYTES:HEADER_BYTES + area].view(n, self.max_height, self.max_width, 3)
+            pixels = pixels.permute(0, 3, 1, 2)
+            if (header[:, :2] != (self.max_height, self.max_width)).any():  # zero what lies outside each image
+                hw = self._to_device(header[:, :2])
+                ys = torch.arange(self.max_height, device=self.device).view(1, -1, 1)
+                xs = torch.arange(self.max_width, device=self.device).view(1, 1, -1)
+                inside = (ys < hw[:, 0].view(-1, 1, 1)) & (xs < hw[:, 1].view(-1, 1, 1))
+                pixels, owned = pixels * inside.unsqueeze(1), True
+        if not raw.all():
+            jpeg = np.flatnonzero(~raw)
+            encoded = [rows[i, HEADER_BYTES:HEADER_BYTES + int(header[i, 3])] for i in jpeg]
+            names = [f"{self.path}: row {int(indices[i])}" for i in jpeg]
+            decoded, _ = dc.pad_to_batch(dd.decode_batch(encoded, names, self.device))
+            if pixels is None:
+                pixels = decoded
+            else:  # a file of mixed modes: the decoded JPEGs take their rows' places in the raw batch
+                pixels = pixels if owned else pixels.clone()
+                at = torch.from_numpy(jpeg).to(self.device)
+                pixels[at] = 0
+                pixels[at, :, :decoded.shape[2], :decoded.shape[3]] = decoded
+        height, width = int(header[:, 0].max()), int(header[:, 1].max())  # the batch's extent
+        return pixels[:, :, :height, :width], copied
+
+    def _images(self, rows: torch.Tensor, indices: np.ndarray, params, at: slice):
+        """The uint8 ``[B,3,S,S]`` crops of a batch of rows (train: each sample's window and flip; eval: resize +
+        center crop), and the event after which FFCV may reuse the rows."""
+        header = row_header(rows)
+        pixels, copied = self._pixels(rows, header, indices)
+        if params is None:
+            return dc.resize_center_crop(pixels, header[:, :2], self.eval_resize(), self.img_size), copied
+        return dc.crop_resize(pixels, params.windows[at], params.flip[at], self.img_size), copied
+
+    # ------------------------------------------------------------------------------------------------ one epoch
     def _iterate(self, indices: np.ndarray) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        epoch, positions, b = self.epoch, self.positions(indices), self.batch_size
+        params = self.sample_params(indices, self.heights[indices], self.widths[indices]) if self.train else None
+
+        def finish(b_ix: int, batch):
+            """FFCV's (rows, labels) of batch ``b_ix`` -> (images, labels, the rows' copy event)."""
+            rows, labels = batch
+            at = slice(b_ix * b, b_ix * b + rows.shape[0])
+            if self.hand_over_only:  # `fastlivt bench data`: the host's part ends with the rows handed over
+                copied = None
+                if (row_header(rows)[:, 2] == RAW).any():  # JPEG bytes go to the decoder from host memory
+                    copied = self._rows_to_device(rows)[1]
+                self.shared_stage.draws(epoch, positions[at], self.device)
+                return rows, labels, copied
+            images, copied = self._images(rows, indices[at], params, at)
+            draws = self.shared_stage.draws(epoch, positions[at], images.device)
+            return self.shared_stage.apply(images, draws), labels, copied
+
+        # CPU: the per-batch work runs in FFCV's epoch thread, batches_ahead ahead of the training step, as FFCV's
+        # own decoding did; CUDA: here, its kernels queued on the current stream (launches do not wait for them)
+        in_thread = self._copy_stream is None
         self.order.set(indices)
-        self.loader.set_tables(self._param_tables(indices))
-        positions, first = self.positions(indices), 0
+        self.loader.set_tables({})
+        self.loader.set_finish(finish if in_thread else None)
+        batches, copied = iter(self.loader), None  # FFCV yields the plan's batches in order
         try:
-            for images, labels in self.loader:  # FFCV yields the plan's batches in order
-                # FFCV recycles its output buffers: the device stage (a new tensor) and the label copy make the batch ours
-                batch_positions, first = positions[first:first + images.shape[0]], first + images.shape[0]
-                yield self.device_stage(images, batch_positions), self._labels_to_device(labels)
-        finally:  # a pass left midway: its thread would keep decoding batches ahead
+            for b_ix in itertools.count():
+                if copied is not None:  # the last batch's rows are on the device before FFCV may reuse them
+                    copied.synchronize()
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                if isinstance(batch, Failed):
+                    raise batch.error
+                images, labels, copied = batch if in_thread else finish(b_ix, batch)
+                yield images, self._labels_to_device(labels)
+        finally:  # a pass left midway: its thread would keep reading batches ahead
+            if copied is not None:  # the next pass writes into the same rows
+                copied.synchronize()
             self.loader.stop()
 
     def close(self) -> None:
