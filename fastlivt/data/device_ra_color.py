@@ -31,12 +31,11 @@ _GREY_WEIGHTS = (19595.0, 38470.0, 7471.0)  # Pillow's RGB -> L, over 2**16
 
 
 def table_index(img: torch.Tensor) -> torch.Tensor:
-    """int32 ``[k, H*W*3]``: each value's index in the flat ``[k,3,256]`` tables (sample, channel, value)."""
+    """int32 ``[k, H, W*3]``: each value's index in the flat ``[k,3,256]`` tables (sample, channel, value)."""
     k, h, w, c = img.shape
-    per_image = h * w * c
-    lanes = torch.arange(per_image, device=img.device, dtype=torch.int32).remainder_(3).mul_(LEVELS)
-    first = (torch.arange(k, device=img.device, dtype=torch.int32) * (3 * LEVELS)).view(k, 1)
-    return img.reshape(k, per_image).to(torch.int32).add_(lanes).add_(first)
+    lanes = torch.arange(w * c, device=img.device, dtype=torch.int32).remainder_(c).mul_(LEVELS)  # one row's
+    first = (torch.arange(k, device=img.device, dtype=torch.int32) * (c * LEVELS)).view(k, 1, 1)
+    return torch.add(img.view(k, h, w * c), lanes).add_(first)
 
 
 def apply_tables(img: torch.Tensor, tables: torch.Tensor, index: torch.Tensor = None) -> torch.Tensor:
@@ -89,9 +88,12 @@ def blend_tables(degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
 
 
 def histograms(index: torch.Tensor) -> torch.Tensor:
-    """int64 ``[k,3,256]`` pixel counts per sample and channel, from :func:`table_index`."""
+    """int64 ``[k,3,256]`` pixel counts per sample and channel, from :func:`table_index`; ``bincount`` on CPU,
+    ``scatter_add_`` elsewhere (CUDA's ``bincount`` reads its input's maximum back to the host)."""
     k = index.shape[0]
-    flat = index.reshape(-1).long()
+    if index.device.type == "cpu":
+        return torch.bincount(index.view(-1), minlength=k * 3 * LEVELS).view(k, 3, LEVELS)
+    flat = index.view(-1).long()
     hist = torch.zeros(k * 3 * LEVELS, dtype=torch.int64, device=index.device)
     hist.scatter_add_(0, flat, flat.new_ones(()).expand(flat.shape))
     return hist.view(k, 3, LEVELS)

@@ -17,9 +17,9 @@ How :func:`resample` computes it (one group = one filter and one set of moving a
 * ``axes`` 'x' (ShearX, TranslateX: ``y_in = y'`` exactly), 'y' (ShearY, TranslateY: ``x_in = x'``) or 'xy' (Rotate).
   Along an axis whose source coordinate is exact, ``d = 0`` and Pillow's filter returns the one tap unchanged, so
   only the moving axes are filtered: 4 (bicubic) or 2 (bilinear) taps per pixel instead of 16 or 4.
-* Coordinates are computed once per pixel; the taps are gathered per colour lane (byte offsets into the
-  channels-last images) into lane-major ``[3, n]`` tensors, along whose last dimension the per-pixel fraction
-  broadcasts: no operation broadcasts along an innermost dimension of 3, a slow stride pattern on CPU.
+* Coordinates are computed once per pixel; the filter runs one colour lane at a time on taps gathered at byte
+  offsets of the channels-last images: no operation broadcasts along an innermost dimension of 3 (a slow stride
+  pattern on CPU), and a third of the working set stays in cache.
 * Taps are gathered from a copy of the images with an edge-replicated border of ``PAD`` pixels and ``FILL_ROWS``
   rows of fill colour below: a point outside the image reads only those rows, and a filter of equal taps returns the
   tap exactly, so the fill needs no pass of its own.
@@ -86,16 +86,17 @@ def _source_axis(src: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tens
     return outside, first.clamp_(-1, size - 1), src.sub_(first)
 
 
-def _gather(taps: torch.Tensor, flat: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
-    """``taps[t]`` = the values at ``index + t * step`` of ``flat``; ``taps`` ``[count, 3, n]``, ``index`` ``[3 n]``."""
-    for t in range(taps.shape[0]):
-        torch.index_select(flat[t * step:], 0, index, out=taps[t].view(-1))
+def _gather(count: int, flat: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
+    """``[count, n]``: tap t = the values at ``index + t * step`` of ``flat``."""
+    taps = torch.empty((count, index.numel()), dtype=flat.dtype, device=flat.device)
+    for t in range(count):
+        torch.index_select(flat[t * step:], 0, index, out=taps[t])
     return taps
 
 
 def _filter(taps: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Pillow's cubic (4 taps) or linear (2) of int16 ``taps`` ``[count, 3, n]`` (overwritten) at ``d`` ``[n]``
-    (broadcast over the lanes): ``[3, n]`` in ``dtype``. The taps' differences are exact integers, so their order is
+    """Pillow's cubic (4 taps) or linear (2) of int16 ``taps`` ``[count, n]`` (overwritten) at ``d`` ``[n]``:
+    ``[n]`` in ``dtype``. The taps' differences are exact integers, so their order is
     free; the polynomial is Pillow's."""
     if taps.shape[0] == 2:
         v0, v1 = taps.unbind(0)
@@ -151,15 +152,16 @@ def resample(img: torch.Tensor, matrix: torch.Tensor, axes: str, bicubic: bool, 
     offset.masked_fill_(outside, float((h + 2 * PAD) * row_len))  # an outside point reads the fill rows
     sample_len = (h + 2 * PAD + FILL_ROWS) * row_len
     first_of_sample = (torch.arange(k, device=dev, dtype=torch.int32) * sample_len).view(k, 1, 1)
-    index = offset.to(torch.int32).add_(first_of_sample).view(1, -1)
-    index = torch.add(index, torch.arange(3, device=dev, dtype=torch.int32).view(3, 1)).view(-1)  # lanes 0..2
+    index = offset.to(torch.int32).add_(first_of_sample).view(-1)
     flat = _padded(img, fill).view(-1)
-    taps = torch.empty((count, 3, index.numel() // 3), dtype=torch.int16, device=dev)
-    if axes == "xy":
-        rows = [_filter(_gather(taps, flat[r * row_len:], index, 3), dx.view(-1), dtype) for r in range(count)]
-        values = _filter_rows(rows, dy.view(-1))
-    else:
-        along_x = axes == "x"
-        values = _filter(_gather(taps, flat, index, 3 if along_x else row_len), (dx if along_x else dy).view(-1), dtype)
-    lanes = values.clamp_(0, 255).to(torch.int32).unbind(0)
+    d = (dx if "x" in axes else dy).view(-1)
+    lanes = []
+    for lane in range(3):  # one colour at a time: a third of the working set, more of it in cache
+        values = flat[lane:]
+        if axes == "xy":
+            rows = [_filter(_gather(count, values[r * row_len:], index, 3), d, dtype) for r in range(count)]
+            values = _filter_rows(rows, dy.view(-1))
+        else:
+            values = _filter(_gather(count, values, index, 3 if axes == "x" else row_len), d, dtype)
+        lanes.append(values.clamp_(0, 255).to(torch.int32))
     return torch.stack(lanes, -1).to(torch.uint8).view(k, h, w, 3)

@@ -22,6 +22,7 @@ the sign where timm negates.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -107,10 +108,9 @@ def sample_groups(d: RandAugmentDraws) -> np.ndarray:
 @dataclass
 class DeviceDraws:
     """:class:`RandAugmentDraws` as tensors on the device: ``ops`` and ``group`` (:func:`sample_groups`) int64,
-    ``applied``/``negate`` bool, ``magnitude`` float64, each ``[B, layers]``; per slot, found on the host from the
-    draws so the device never waits to learn a subset's size: ``members[slot][g]``, int64 indices of the samples of
-    group ``g``; ``source[slot]``, int64 ``[B]``: each sample's row in the slot's input followed by its groups'
-    results, in group order."""
+    ``applied``/``negate`` bool, ``magnitude`` float64, each ``[B, layers]``; ``members[slot][g]``: int64 indices of
+    the samples of group ``g`` in that slot, found on the host from the draws, so the device never waits to learn a
+    subset's size."""
 
     ops: torch.Tensor
     applied: torch.Tensor
@@ -118,7 +118,6 @@ class DeviceDraws:
     negate: torch.Tensor
     group: torch.Tensor
     members: List[List[torch.Tensor]]
-    source: List[torch.Tensor]
 
     @classmethod
     def from_draws(cls, d: RandAugmentDraws, device: torch.device) -> "DeviceDraws":
@@ -131,17 +130,9 @@ class DeviceDraws:
             return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
         group = sample_groups(d)
-        members, source = [], []
-        for slot in range(d.ops.shape[1]):
-            indices = [np.flatnonzero(group[:, slot] == g) for g in range(len(GROUPS))]
-            rows = np.arange(len(group))
-            first = len(group)
-            for found in indices:
-                rows[found] = first + np.arange(len(found))
-                first += len(found)
-            members.append([put(found) for found in indices])
-            source.append(put(rows))
-        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(group), members, source)
+        members = [[put(np.flatnonzero(group[:, slot] == g)) for g in range(len(GROUPS))]
+                   for slot in range(d.ops.shape[1])]
+        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(group), members)
 
 
 @dataclass
@@ -209,14 +200,14 @@ def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence
     ``layers`` x ``len(GROUPS)`` times the work)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3 if channels_last else 1] != 3:
         raise ValueError(f"device RandAugment expects uint8 RGB images, got {images.dtype} {tuple(images.shape)}")
-    img = (images if channels_last else images.permute(0, 2, 3, 1)).contiguous()
+    img = (images if channels_last else images.permute(0, 2, 3, 1)).clone(memory_format=torch.contiguous_format)
     _, h, w, _ = img.shape
     for slot in range(draws.ops.shape[1]):
         args = _slot_arguments(draws.ops[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
-        if compact:  # each sample's row of [input, group 0's results, group 1's, ...]: one copy back, no scatter
-            results = [_run_group(g, img.index_select(0, members), args.subset(members), fill, geometry_dtype)
-                       for g, members in enumerate(draws.members[slot])]
-            img = torch.cat([img] + results).index_select(0, draws.source[slot])
+        if compact:  # the groups are disjoint: each reads and writes back its own samples of ``img``
+            for g, members in enumerate(draws.members[slot]):
+                result = _run_group(g, img.index_select(0, members), args.subset(members), fill, geometry_dtype)
+                _as_words(img).index_put_((members,), _as_words(result))
             continue
         out = img
         for g in range(len(GROUPS)):
@@ -224,3 +215,12 @@ def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence
             out = torch.where(mask, _run_group(g, img, args, fill, geometry_dtype), out)
         img = out
     return img if channels_last else img.permute(0, 3, 1, 2).contiguous()
+
+
+def _as_words(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[k, ...]`` viewed as ``[k, bytes / size]`` of the widest integer type whose size divides an image's
+    bytes: ``index_put_`` copies element by element, 8 bytes at a time instead of 1."""
+    per_image = math.prod(images.shape[1:])
+    word = next(dtype for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                if per_image % dtype.itemsize == 0)
+    return images.view(images.shape[0], per_image).view(word)
