@@ -31,7 +31,7 @@ How :func:`resample` computes it (one group = one filter and one set of moving a
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -86,22 +86,14 @@ def _source_axis(src: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tens
     return outside, first.clamp_(-1, size - 1), src.sub_(first)
 
 
-def _gather(count: int, flat: torch.Tensor, index: torch.Tensor, step: int) -> torch.Tensor:
-    """``[count, n]``: tap t = the values at ``index + t * step`` of ``flat``."""
-    taps = torch.empty((count, index.numel()), dtype=flat.dtype, device=flat.device)
-    for t in range(count):
-        torch.index_select(flat[t * step:], 0, index, out=taps[t])
-    return taps
-
-
-def _filter(taps: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Pillow's cubic (4 taps) or linear (2) of int16 ``taps`` ``[count, n]`` (overwritten) at ``d`` ``[n]``:
-    ``[n]`` in ``dtype``. The taps' differences are exact integers, so their order is
-    free; the polynomial is Pillow's."""
-    if taps.shape[0] == 2:
-        v0, v1 = taps.unbind(0)
+def _filter(taps: Sequence[torch.Tensor], d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pillow's cubic (4 taps) or linear (2) of int16 ``taps`` (overwritten) at ``d`` (broadcast over their leading
+    dimensions), in ``dtype``. The taps' differences are exact integers, so their order is free; the polynomial is
+    Pillow's."""
+    if len(taps) == 2:
+        v0, v1 = taps
         return v1.sub_(v0).to(dtype).mul_(d).add_(v0)
-    v0, v1, v2, v3 = taps.unbind(0)
+    v0, v1, v2, v3 = taps
     p3 = (v0 - v1).mul_(2).add_(v2).sub_(v3)
     p4 = v3.add_(v1).sub_(v0).sub_(v2)
     p2 = v2.sub_(v0)
@@ -110,7 +102,7 @@ def _filter(taps: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Te
     return out.mul_(d).add_(scratch.copy_(p3)).mul_(d).add_(scratch.copy_(p2)).mul_(d).add_(scratch.copy_(v1))
 
 
-def _filter_rows(rows: List[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
+def _filter_rows(rows: Sequence[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
     """Pillow's cubic (4 rows) or linear (2) of float ``rows`` (overwritten) at ``d``, in its exact operation order:
     ``p3 = 2 (r0 - r1) + r2 - r3``, ``p4 = ((-r0 + r1) - r2) + r3`` (``-a + b`` is ``b - a`` exactly)."""
     if len(rows) == 2:
@@ -119,6 +111,24 @@ def _filter_rows(rows: List[torch.Tensor], d: torch.Tensor) -> torch.Tensor:
     p3 = (r0 - r1).mul_(2).add_(r2).sub_(r3)
     p4 = (r1 - r0).sub_(r2).add_(r3)
     return p4.mul_(d).add_(p3).mul_(d).add_(r2.sub_(r0)).mul_(d).add_(r1)
+
+
+def _filter_lane(flat: torch.Tensor, taps: torch.Tensor, dx: Optional[torch.Tensor], dy: Optional[torch.Tensor],
+                 count: int, row_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """The filtered values ``[n]`` of one colour lane (``flat`` from its first byte), with fractions ``dx``, ``dy``
+    ``[n]`` (None for an exact axis). ``taps``: the offsets ``[count, n]`` of the taps along the one moving axis, or,
+    when both move, ``[n]`` of the first, the others read with ``count x count`` gathers at shifted views of ``flat``
+    (each rereads the small ``[n]``; materialised offsets would be 16 times as large)."""
+    if dx is None or dy is None:
+        values = torch.index_select(flat, 0, taps.view(-1)).view(taps.shape)
+        return _filter(values.unbind(0), dy if dx is None else dx, dtype)
+    rows = []
+    for r in range(count):  # row by row: the taps of one row at a time in cache
+        values = torch.empty((count, taps.numel()), dtype=flat.dtype, device=flat.device)
+        for c in range(count):
+            torch.index_select(flat[r * row_len + 3 * c:], 0, taps, out=values[c])
+        rows.append(_filter(values.unbind(0), dx, dtype))
+    return _filter_rows(rows, dy)
 
 
 def resample(img: torch.Tensor, matrix: torch.Tensor, axes: str, bicubic: bool, fill: Sequence[int],
@@ -153,15 +163,22 @@ def resample(img: torch.Tensor, matrix: torch.Tensor, axes: str, bicubic: bool, 
     sample_len = (h + 2 * PAD + FILL_ROWS) * row_len
     first_of_sample = (torch.arange(k, device=dev, dtype=torch.int32) * sample_len).view(k, 1, 1)
     index = offset.to(torch.int32).add_(first_of_sample).view(-1)
+    dx, dy = (dx.view(-1) if "x" in axes else None), (dy.view(-1) if "y" in axes else None)
+    if axes == "xy":  # 4 filtered rows per point: in halves, to stay in cache
+        parts = [(index.narrow(0, *part), dx.narrow(0, *part), dy.narrow(0, *part))
+                 for part in _pieces(index.numel(), 2)]
+    else:  # the offsets of all the taps, for every lane
+        steps = torch.arange(count, device=dev, dtype=torch.int32).view(-1, 1) * (3 if axes == "x" else row_len)
+        parts = [(torch.add(index.view(1, -1), steps), dx, dy)]
     flat = _padded(img, fill).view(-1)
-    d = (dx if "x" in axes else dy).view(-1)
     lanes = []
     for lane in range(3):  # one colour at a time: a third of the working set, more of it in cache
-        values = flat[lane:]
-        if axes == "xy":
-            rows = [_filter(_gather(count, values[r * row_len:], index, 3), d, dtype) for r in range(count)]
-            values = _filter_rows(rows, dy.view(-1))
-        else:
-            values = _filter(_gather(count, values, index, 3 if axes == "x" else row_len), d, dtype)
-        lanes.append(values.clamp_(0, 255).to(torch.int32))
+        values = [_filter_lane(flat[lane:], *part, count, row_len, dtype) for part in parts]
+        lanes.append(torch.cat(values).clamp_(0, 255).to(torch.int32))
     return torch.stack(lanes, -1).to(torch.uint8).view(k, h, w, 3)
+
+
+def _pieces(n: int, count: int) -> List[Tuple[int, int]]:
+    """(start, length) of ``count`` consecutive pieces covering ``range(n)``."""
+    bounds = [n * i // count for i in range(count + 1)]
+    return [(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
