@@ -43,6 +43,8 @@ OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "S
 GROUPS = ("table", "histogram", "contrast", "color", "sharpness",
           "x bilinear", "x bicubic", "y bilinear", "y bicubic", "xy bilinear", "xy bicubic")
 _FIRST_GEOMETRIC = GROUPS.index("x bilinear")
+# the filters each interpolation setting draws from (timm's 'random' = a choice per op)
+FILTERS = {"bilinear": ("bilinear",), "bicubic": ("bicubic",), "random": ("bilinear", "bicubic")}
 # per op: its group (a geometric op's bilinear one; bicubic is the next) and its code in the group's function (table
 # kind, or affine_matrices' kind)
 _GROUP = np.array([1, 1, 0, 9, 0, 0, 0, 3, 2, 0, 4, 5, 7, 5, 7])
@@ -110,7 +112,8 @@ class DeviceDraws:
     """:class:`RandAugmentDraws` as tensors on the device: ``ops`` and ``group`` (:func:`sample_groups`) int64,
     ``applied``/``negate`` bool, ``magnitude`` float64, each ``[B, layers]``; ``members[slot][g]``: int64 indices of
     the samples of group ``g`` in that slot, found on the host from the draws, so the device never waits to learn a
-    subset's size."""
+    subset's size; ``groups``: the groups the draws' interpolation setting can produce (the others are not run, so
+    the number of operations depends on that setting, never on the batch)."""
 
     ops: torch.Tensor
     applied: torch.Tensor
@@ -118,10 +121,16 @@ class DeviceDraws:
     negate: torch.Tensor
     group: torch.Tensor
     members: List[List[torch.Tensor]]
+    groups: Tuple[int, ...] = tuple(range(len(GROUPS)))
 
     @classmethod
-    def from_draws(cls, d: RandAugmentDraws, device: torch.device) -> "DeviceDraws":
-        """Copy ``d`` to ``device`` (through pinned memory without waiting, on CUDA)."""
+    def from_draws(cls, d: RandAugmentDraws, device: torch.device, interpolation: str = "random") -> "DeviceDraws":
+        """Copy ``d`` (drawn with ``interpolation``: 'bilinear', 'bicubic' or 'random') to ``device`` (through pinned
+        memory without waiting, on CUDA)."""
+        if interpolation not in FILTERS:
+            raise ValueError(f"RandAugment interpolation must be one of {sorted(FILTERS)}, got {interpolation!r}")
+        groups = tuple(g for g, name in enumerate(GROUPS)
+                       if g < _FIRST_GEOMETRIC or name.split()[1] in FILTERS[interpolation])
         device = torch.device(device)
         pin = device.type == "cuda"
 
@@ -130,9 +139,13 @@ class DeviceDraws:
             return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
         group = sample_groups(d)
+        stray = np.isin(group, [g for g in range(len(GROUPS)) if g not in groups])
+        if stray.any():
+            raise ValueError(f"RandAugment draws use the group {GROUPS[group[stray][0]]!r}, which interpolation "
+                             f"{interpolation!r} does not draw")
         members = [[put(np.flatnonzero(group[:, slot] == g)) for g in range(len(GROUPS))]
                    for slot in range(d.ops.shape[1])]
-        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(group), members)
+        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(group), members, groups)
 
 
 @dataclass
@@ -189,11 +202,18 @@ def _run_group(group: int, img: torch.Tensor, a: _SlotArguments, fill: Sequence[
     return resample(img, a.matrix, axes, interpolation == "bicubic", fill, geometry_dtype)
 
 
+def default_geometry_dtype(device: torch.device) -> torch.dtype:
+    """The geometric ops' arithmetic when none is asked for: float64 (Pillow's, value for value) on an accelerator;
+    float32 on a CPU, where float64 costs more than Pillow itself and float32 moves a value by at most one level."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float64
+
+
 def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence[int],
-                        geometry_dtype: torch.dtype = torch.float64, channels_last: bool = False,
+                        geometry_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
                         compact: bool = True) -> torch.Tensor:
     """timm's RandAugment with each sample's ``draws`` on uint8 images ``[B,3,H,W]`` (``[B,H,W,3]`` when
-    ``channels_last``), same layout out; ``fill`` = timm's ``img_mean``.
+    ``channels_last``), same layout out; ``fill`` = timm's ``img_mean``; ``geometry_dtype`` None:
+    :func:`default_geometry_dtype` of the images' device.
 
     ``compact``: each group's function runs on the samples of the group only (``draws.members``: their count sets
     the tensors' sizes, not the number of operations); otherwise on the whole batch (the same result, about
@@ -201,16 +221,18 @@ def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3 if channels_last else 1] != 3:
         raise ValueError(f"device RandAugment expects uint8 RGB images, got {images.dtype} {tuple(images.shape)}")
     img = (images if channels_last else images.permute(0, 2, 3, 1)).clone(memory_format=torch.contiguous_format)
+    geometry_dtype = geometry_dtype or default_geometry_dtype(img.device)
     _, h, w, _ = img.shape
     for slot in range(draws.ops.shape[1]):
         args = _slot_arguments(draws.ops[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
         if compact:  # the groups are disjoint: each reads and writes back its own samples of ``img``
-            for g, members in enumerate(draws.members[slot]):
+            for g in draws.groups:
+                members = draws.members[slot][g]
                 result = _run_group(g, img.index_select(0, members), args.subset(members), fill, geometry_dtype)
                 _as_words(img).index_put_((members,), _as_words(result))
             continue
         out = img
-        for g in range(len(GROUPS)):
+        for g in draws.groups:
             mask = (draws.group[:, slot] == g).view(-1, 1, 1, 1)
             out = torch.where(mask, _run_group(g, img, args, fill, geometry_dtype), out)
         img = out
