@@ -175,6 +175,23 @@ def test_cpu_default_geometry_is_float32(setup):
     assert not torch.equal(default, dra.device_rand_augment(x, d, FILL, torch.float64, channels_last=True))
 
 
+@pytest.mark.parametrize("axes", ["x", "y", "xy"])
+@pytest.mark.parametrize("bicubic", [False, True])
+def test_resampling_lane_by_lane_equals_all_lanes_at_once(setup, axes, bicubic):
+    """CPU filters one colour lane at a time, accelerators all three at once: the same arithmetic."""
+    from fastlivt.data.device_ra_geometry import resample
+
+    _, images, draws = setup
+    op = {"x": "ShearX", "y": "TranslateYRel", "xy": "Rotate"}[axes]
+    args = dra._slot_arguments(torch.full((N_IMAGES,), dra.OPS.index(op)), torch.from_numpy(draws.magnitude[:, 0]),
+                               torch.from_numpy(draws.negate[:, 0]), SIZE, SIZE)
+    x = torch.from_numpy(images)
+    for dtype in (torch.float32, torch.float64):
+        one = resample(x, args.matrix, axes, bicubic, FILL, dtype, lanes=1)
+        assert torch.equal(one, resample(x, args.matrix, axes, bicubic, FILL, dtype, lanes=3))
+        assert not torch.equal(one, x)
+
+
 def test_compact_equals_whole_batch(setup):
     _, images, draws = setup
     d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
