@@ -2,8 +2,9 @@
 argument, on any torch device, reproducing Pillow's integer and float32 arithmetic (Pillow 12, what timm calls).
 
 Every function takes the group and per-sample tensors and does a fixed sequence of tensor operations (no loop over
-images, no data-dependent shapes); a sample whose op is another one of the same function gets a result the caller
-discards.
+images, no data-dependent shapes), the same for any group size, zero included (a copy is an explicit ``clone``, not a
+``reshape`` or ``contiguous`` that copies or not by the strides); a sample whose op is another one of the same
+function gets a result the caller discards.
 
 * Table ops: an op whose output value is a function of the input value and the sample's statistics is one gather
   from a per-sample, per-channel ``[k,3,256]`` table (:func:`apply_tables`): Pillow's ``ImageOps.invert``,
