@@ -1,44 +1,107 @@
-"""RandAugment's pixel-value operations on a batch of uint8 ``[B,H,W,3]`` images, each sample with its own op and
-argument, on any torch device, reproducing Pillow's integer arithmetic (Pillow 12, what timm calls).
+"""RandAugment's pixel-value operations on a group of uint8 ``[k,H,W,3]`` images, each sample with its own op and
+argument, on any torch device, reproducing Pillow's integer and float32 arithmetic (Pillow 12, what timm calls).
 
-Every function takes the whole batch and per-sample tensors and does a fixed sequence of tensor operations (no loop
-over images, no data-dependent shapes): a sample whose op is another one gets a result that the caller discards.
+Every function takes the group and per-sample tensors and does a fixed sequence of tensor operations (no loop over
+images, no data-dependent shapes), the same for any group size, zero included (a copy is an explicit ``clone``, not a
+``reshape`` or ``contiguous`` that copies or not by the strides); a sample whose op is another one of the same
+function gets a result the caller discards.
 
-* Look-up-table ops (:func:`lut_ops`): one ``[B,3,256]`` table per sample, applied with one gather. The tables are
-  Pillow's: ``ImageOps.invert``, ``posterize`` (``i & ~(2**(8-bits)-1)``, 0 bits = black), ``solarize``, timm's
-  ``solarize_add``, ``ImageOps.autocontrast`` (cutoff 0: ``int(i * 255.0/(hi-lo) - lo * scale)`` clipped, in float64)
-  and ``ImageOps.equalize`` (``(step // 2 + cumulative count) // step`` with ``step = (count - count of the highest
-  level) // 255``, identity when ``step`` is 0), from per-sample, per-channel histograms (one ``scatter_add``).
-* Enhance ops (:func:`enhance_ops`): ``ImageEnhance`` = ``Image.blend(degenerate, image, factor)``, computed as
-  Pillow's C does in float32 (``deg + factor * (img - deg)``, clipped, truncated). Degenerate images: Color = the 'L'
-  image (``(19595 R + 38470 G + 7471 B + 0x8000) >> 16``) as RGB, Contrast = ``int(mean(L) + 0.5)``, Brightness = 0,
-  Sharpness = ``ImageFilter.SMOOTH`` (3x3 ``[[1,1,1],[1,5,1],[1,1,1]] / 13`` in float32, rounded, border pixels kept).
+* Table ops: an op whose output value is a function of the input value and the sample's statistics is one gather
+  from a per-sample, per-channel ``[k,3,256]`` table (:func:`apply_tables`): Pillow's ``ImageOps.invert``,
+  ``posterize`` (``i & ~(2**(8-bits)-1)``, 0 bits = black), ``solarize``, timm's ``solarize_add``
+  (:func:`value_tables`); ``ImageEnhance.Brightness`` and ``Contrast`` (:func:`blend_tables`: a blend with the constant
+  0 or ``int(mean(L) + 0.5)``); ``ImageOps.autocontrast`` (cutoff 0: ``int(i * 255.0/(hi-lo) - lo * scale)``
+  clipped, in float64) and ``ImageOps.equalize`` (``(step // 2 + cumulative count) // step`` with
+  ``step = (count - count of the highest level) // 255``, identity when ``step`` is 0) from per-sample, per-channel
+  histograms (:func:`histogram_tables`).
+* ``ImageEnhance`` = ``Image.blend(degenerate, image, factor)``, computed as Pillow's C does in float32
+  (``deg + factor * (img - deg)``, clipped, truncated); per pixel for Color (:func:`color`: the 'L' image
+  ``(19595 R + 38470 G + 7471 B + 0x8000) >> 16`` as RGB) and Sharpness (:func:`sharpness`: ``ImageFilter.SMOOTH``,
+  3x3 ``[[1,1,1],[1,5,1],[1,1,1]] / 13`` in float32, rounded, border pixels kept).
+* Channels-last throughout; per-pixel quantities that all three channels read (the 'L' level) are laid out once per
+  channel, since a tensor operation that broadcasts along the innermost 3 is slow on CPU.
 """
 from __future__ import annotations
 
 import torch
 
 LEVELS = 256
+# table kinds of value_tables / histogram_tables / blend_tables
+AUTOCONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, BRIGHTNESS, CONTRAST = range(1, 9)
+_GREY_WEIGHTS = (19595.0, 38470.0, 7471.0)  # Pillow's RGB -> L, over 2**16
 
 
-def channel_offsets(img: torch.Tensor) -> torch.Tensor:
-    """int64 ``[B,H,W,3]``: index of each pixel value in a flat ``[B,3,256]`` table (sample, channel, value)."""
-    b = img.shape[0]
-    base = (torch.arange(b, device=img.device).view(b, 1, 1, 1) * 3
-            + torch.arange(3, device=img.device).view(1, 1, 1, 3)) * LEVELS
-    return base + img.long()
+def table_index(img: torch.Tensor) -> torch.Tensor:
+    """int32 ``[k, H, W*3]``: each value's index in the flat ``[k,3,256]`` tables (sample, channel, value)."""
+    k, h, w, c = img.shape
+    lanes = torch.arange(w * c, device=img.device, dtype=torch.int32).remainder_(c).mul_(LEVELS)  # one row's
+    first = (torch.arange(k, device=img.device, dtype=torch.int32) * (c * LEVELS)).view(k, 1, 1)
+    return torch.add(img.view(k, h, w * c), lanes).add_(first)
 
 
-def histograms(offsets: torch.Tensor, batch: int) -> torch.Tensor:
-    """int64 ``[B,3,256]`` pixel counts per sample and channel, from :func:`channel_offsets`."""
-    flat = offsets.reshape(-1)
-    hist = torch.zeros(batch * 3 * LEVELS, dtype=torch.int64, device=offsets.device)
+def apply_tables(img: torch.Tensor, tables: torch.Tensor, index: torch.Tensor = None) -> torch.Tensor:
+    """``tables[i, c, img[i, y, x, c]]`` for uint8 ``[k,H,W,3]`` and uint8 ``[k,3,256]`` tables (or ``[k,1,256]``:
+    one for the three channels); ``index`` = :func:`table_index` of ``img`` when already made."""
+    index = table_index(img) if index is None else index
+    flat = tables.expand(img.shape[0], 3, LEVELS).clone(memory_format=torch.contiguous_format).view(-1)
+    return torch.index_select(flat, 0, index.view(-1)).view(img.shape)
+
+
+def _levels(device: torch.device) -> torch.Tensor:
+    return torch.arange(LEVELS, device=device).view(1, 1, LEVELS)
+
+
+def value_tables(kind: torch.Tensor, arg: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[k,1,256]``: per sample ``kind`` (int64 ``[k]``: INVERT, POSTERIZE to ``arg`` bits, SOLARIZE at threshold
+    ``arg``, SOLARIZE_ADD of ``arg`` below 128, BRIGHTNESS by ``factor``)."""
+    k = kind.shape[0]
+    levels = _levels(kind.device)
+    a = arg.long().view(k, 1, 1)
+    shift = 8 - a
+    tables = {
+        INVERT: 255 - levels,
+        POSTERIZE: torch.bitwise_left_shift(torch.bitwise_right_shift(levels, shift), shift),
+        SOLARIZE: torch.where(levels < a, levels, 255 - levels),
+        SOLARIZE_ADD: torch.where(levels < 128, (levels + a).clamp_max(255), levels),
+        BRIGHTNESS: blend_tables(torch.zeros(k, device=kind.device), factor).long(),
+    }
+    return _select(kind, tables)
+
+
+def _select(kind: torch.Tensor, tables: dict) -> torch.Tensor:
+    """uint8 ``[k,1|3,256]``: each sample's table of its ``kind`` (the last kind's for a kind not in ``tables``)."""
+    k = kind.view(-1, 1, 1)
+    codes = list(tables)
+    out = tables[codes[-1]]
+    for code in codes[:-1]:
+        out = torch.where(k == code, tables[code], out)
+    return out.to(torch.uint8)
+
+
+def blend_tables(degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[k,1,256]``: ``Image.blend`` of a constant ``degenerate`` level with each value, by ``factor``
+    (both ``[k]``; float32 arithmetic as Pillow's C: ``trunc(clip(deg + factor * (value - deg)))``)."""
+    k = factor.shape[0]
+    deg = degenerate.to(torch.float32).view(k, 1, 1)
+    values = _levels(factor.device).to(torch.float32)
+    blended = (values - deg).mul_(factor.to(torch.float32).view(k, 1, 1)).add_(deg)
+    return blended.clamp_(0.0, 255.0).to(torch.int32).to(torch.uint8)
+
+
+def histograms(index: torch.Tensor) -> torch.Tensor:
+    """int64 ``[k,3,256]`` pixel counts per sample and channel, from :func:`table_index`; ``bincount`` on CPU,
+    ``scatter_add_`` elsewhere (CUDA's ``bincount`` reads its input's maximum back to the host)."""
+    k = index.shape[0]
+    if index.device.type == "cpu":
+        return torch.bincount(index.view(-1), minlength=k * 3 * LEVELS).view(k, 3, LEVELS)
+    flat = index.view(-1).long()
+    hist = torch.zeros(k * 3 * LEVELS, dtype=torch.int64, device=index.device)
     hist.scatter_add_(0, flat, flat.new_ones(()).expand(flat.shape))
-    return hist.view(batch, 3, LEVELS)
+    return hist.view(k, 3, LEVELS)
 
 
 def autocontrast_lut(hist: torch.Tensor) -> torch.Tensor:
-    """``ImageOps.autocontrast(image)``'s table per sample and channel (int64 ``[B,3,256]``)."""
+    """``ImageOps.autocontrast(image)``'s table per sample and channel (int64 ``[k,3,256]``)."""
     levels = torch.arange(LEVELS, device=hist.device)
     present = hist > 0
     lo = torch.argmax(present.to(torch.uint8), dim=-1, keepdim=True)
@@ -51,7 +114,7 @@ def autocontrast_lut(hist: torch.Tensor) -> torch.Tensor:
 
 
 def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
-    """``ImageOps.equalize(image)``'s table per sample and channel (int64 ``[B,3,256]``)."""
+    """``ImageOps.equalize(image)``'s table per sample and channel (int64 ``[k,3,256]``)."""
     levels = torch.arange(LEVELS, device=hist.device)
     present = hist > 0
     hi = LEVELS - 1 - torch.argmax(present.flip(-1).to(torch.uint8), dim=-1, keepdim=True)
@@ -62,69 +125,60 @@ def equalize_lut(hist: torch.Tensor) -> torch.Tensor:
     return torch.where(step > 0, mapped.clamp_max(255), levels)
 
 
-def lut_ops(img: torch.Tensor, kind: torch.Tensor, arg: torch.Tensor) -> torch.Tensor:
-    """Apply per sample ``kind`` (int64 ``[B]``: 0 identity, 1 autocontrast, 2 equalize, 3 invert, 4 posterize to
-    ``arg`` bits, 5 solarize at threshold ``arg``, 6 solarize_add of ``arg`` below 128) to uint8 ``[B,H,W,3]``."""
-    b = img.shape[0]
-    offsets = channel_offsets(img)
-    hist = histograms(offsets, b)
-    levels = torch.arange(LEVELS, device=img.device).view(1, 1, LEVELS)
-    a = arg.long().view(b, 1, 1)
-    shift = 8 - a
-    tables = [
-        levels.expand(b, 3, LEVELS),
-        autocontrast_lut(hist),
-        equalize_lut(hist),
-        255 - levels,
-        torch.bitwise_left_shift(torch.bitwise_right_shift(levels, shift), shift),
-        torch.where(levels < a, levels, 255 - levels),
-        torch.where(levels < 128, (levels + a).clamp_max(255), levels),
-    ]
-    k = kind.view(b, 1, 1)
-    lut = tables[0]
-    for code in range(1, len(tables)):
-        lut = torch.where(k == code, tables[code], lut)
-    return torch.take(lut.to(torch.uint8), offsets)
+def histogram_tables(kind: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[k,3,256]``: AUTOCONTRAST or EQUALIZE per sample (``kind`` ``[k]``) from :func:`histograms`."""
+    return _select(kind, {AUTOCONTRAST: autocontrast_lut(hist), EQUALIZE: equalize_lut(hist)})
 
 
 def grey_levels(img: torch.Tensor) -> torch.Tensor:
-    """Pillow's RGB -> 'L' conversion, int32 ``[B,H,W,1]``."""
-    rgb = img.to(torch.int32)
-    weighted = rgb[..., 0:1] * 19595 + rgb[..., 1:2] * 38470 + rgb[..., 2:3] * 7471 + 0x8000
-    return torch.bitwise_right_shift(weighted, 16)
+    """Pillow's RGB -> 'L' conversion of uint8 ``[k,H,W,3]``, float64 ``[k,H,W]`` integer values (the weighted sums
+    stay below 2**24: exact in any float order)."""
+    weights = torch.tensor(_GREY_WEIGHTS, dtype=torch.float64, device=img.device)
+    weighted = torch.matmul(img.reshape(-1, 3).to(torch.float64), weights).view(img.shape[:3])
+    return weighted.add_(0x8000).div_(65536.0).floor_()
+
+
+def mean_grey_level(img: torch.Tensor) -> torch.Tensor:
+    """``int(ImageStat.Stat(image.convert('L')).mean[0] + 0.5)`` per sample, float64 ``[k]``."""
+    k, h, w, _ = img.shape
+    total = grey_levels(img).view(k, h * w).sum(-1)
+    mean = total / torch.full_like(total, float(h * w))  # true division, as ImageStat's
+    return torch.floor(mean + 0.5)
+
+
+def _blend(degenerate: torch.Tensor, img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``Image.blend(degenerate, img, factor)``: float32 ``degenerate`` ``[k,H,W,3]`` (overwritten), uint8 ``img``,
+    ``factor`` ``[k]``."""
+    k = img.shape[0]
+    alpha = factor.to(torch.float32).view(k, 1, 1, 1)
+    blended = torch.sub(img, degenerate).mul_(alpha).add_(degenerate)
+    return blended.clamp_(0.0, 255.0).to(torch.int32).to(torch.uint8)
+
+
+def color(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``ImageEnhance.Color(img).enhance(factor)`` per sample, uint8 ``[k,H,W,3]``."""
+    grey = grey_levels(img).to(torch.float32)
+    return _blend(grey.unsqueeze(-1).expand(img.shape).clone(memory_format=torch.contiguous_format), img, factor)
 
 
 def smooth(img: torch.Tensor) -> torch.Tensor:
-    """``image.filter(ImageFilter.SMOOTH)`` as float32 ``[B,H,W,3]`` integer values (border pixels unchanged)."""
+    """``image.filter(ImageFilter.SMOOTH)`` as float32 ``[k,H,W,3]`` integer values (border pixels unchanged).
+    Pillow sums each row's three products left to right, then the rows below, centre, above; a product of a value and
+    a weight is the same wherever it is used, so each is computed once."""
     _, h, w, _ = img.shape
     x = img.to(torch.float32)
     weights = (torch.tensor([1.0, 5.0], dtype=torch.float32, device=img.device)
                / torch.tensor([13.0, 13.0], dtype=torch.float32, device=img.device))  # Pillow: kernel / divisor
-    one, five = weights[0], weights[1]
-    centre_rows = x[:, 1:h - 1]
+    side, centre = x * weights[0], x * weights[1]
 
-    def row(r: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
-        return r[:, :, 0:w - 2] * one + r[:, :, 1:w - 1] * mid + r[:, :, 2:w] * one
+    def row(top: int, middle: torch.Tensor) -> torch.Tensor:
+        return (side[:, top:top + h - 2, 0:w - 2] + middle[:, top:top + h - 2, 1:w - 1]) + side[:, top:top + h - 2, 2:w]
 
-    total = row(x[:, 2:h], one) + row(centre_rows, five) + row(x[:, 0:h - 2], one)
-    rounded = torch.floor(total.clamp(0.0, 255.0) + 0.5).clamp_max(255.0)
-    out = x.clone()
-    out[:, 1:h - 1, 1:w - 1] = rounded
-    return out
+    total = row(2, side).add_(row(1, centre)).add_(row(0, side))
+    x[:, 1:h - 1, 1:w - 1] = total.clamp_(0.0, 255.0).add_(0.5).floor_().clamp_max_(255.0)
+    return x
 
 
-def enhance_ops(img: torch.Tensor, kind: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """``Image.blend(degenerate, img, factor)`` per sample; ``kind`` int64 ``[B]``: 0 Brightness, 1 Color,
-    2 Contrast, 3 Sharpness; ``factor`` ``[B]`` (made float32, as Pillow's C takes it). uint8 ``[B,H,W,3]``."""
-    b, h, w, _ = img.shape
-    grey = grey_levels(img)
-    total = grey.view(b, h * w).sum(-1).to(torch.float64)
-    mean = total / torch.full_like(total, float(h * w))  # true division, as ImageStat's
-    mean_level = torch.floor(mean + 0.5).to(torch.float32).view(b, 1, 1, 1)
-    k = kind.view(b, 1, 1, 1)
-    zero = torch.zeros((), dtype=torch.float32, device=img.device)
-    degenerate = torch.where(k == 1, grey.to(torch.float32), torch.where(k == 2, mean_level, zero))
-    degenerate = torch.where(k == 3, smooth(img), degenerate)
-    alpha = factor.to(torch.float32).view(b, 1, 1, 1)
-    blended = degenerate + alpha * (img.to(torch.float32) - degenerate)
-    return torch.trunc(blended.clamp(0.0, 255.0)).to(torch.uint8)
+def sharpness(img: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``ImageEnhance.Sharpness(img).enhance(factor)`` per sample, uint8 ``[k,H,W,3]``."""
+    return _blend(smooth(img), img, factor)

@@ -2,15 +2,18 @@
 torch device.
 
 The host draws each sample's parameters (:func:`fastlivt.data.sample_rng.rand_augment_draws`, a pure function of
-seed, epoch and position); :func:`device_rand_augment` applies them to a uint8 ``[B,3,H,W]`` batch with a fixed number
-of tensor operations whatever B is: for each of the ``layers`` op slots, every op family runs on the whole batch and
-each sample keeps its own op's result (``torch.where``), or (the default) on the gathered samples that drew it, whose
-indices the host finds from the draws:
+seed, epoch and position) and splits each of the ``layers`` op slots' applied samples into :data:`GROUPS` (the ops
+that share one function, and for a geometric op its filter). :func:`device_rand_augment` applies them to a uint8
+``[B,3,H,W]`` batch with a fixed number of tensor operations whatever B is: for each slot, every group's function runs
+on the gathered samples of that group (their indices found on the host, so the device never waits to learn a subset's
+size), or, with ``compact=False``, on the whole batch, each sample keeping its own group's result (``torch.where``):
 
-* the look-up-table ops (AutoContrast, Equalize, Invert, PosterizeIncreasing, SolarizeIncreasing, SolarizeAdd) and
-  the enhance ops (Color/Contrast/Brightness/SharpnessIncreasing): :mod:`fastlivt.data.device_ra_color`;
-* the geometric ops (Rotate, ShearX/Y, TranslateXRel/YRel), one affine resampling with per-sample matrices and
-  bilinear/bicubic filter, filled with timm's ``img_mean``: :mod:`fastlivt.data.device_ra_geometry`.
+* table ops (Invert, PosterizeIncreasing, SolarizeIncreasing, SolarizeAdd, BrightnessIncreasing), histogram ops
+  (AutoContrast, Equalize), ContrastIncreasing (one table per sample, from its mean grey level), ColorIncreasing and
+  SharpnessIncreasing (per-pixel blends): :mod:`fastlivt.data.device_ra_color`;
+* the geometric ops, one affine resampling with per-sample matrices, filled with timm's ``img_mean``, grouped by the
+  axes they move (ShearX/TranslateXRel: x; ShearY/TranslateYRel: y; Rotate: both) and filter:
+  :mod:`fastlivt.data.device_ra_geometry`.
 
 Op arguments follow timm's ``LEVEL_TO_ARG`` in float64 (``auto_augment.py``): rotate ``m/10*30`` degrees, shear
 ``m/10*0.3``, translate ``m/10*0.45`` of the width/height, enhance ``max(0.1, 1 +/- m/10*0.9)``, posterize
@@ -19,25 +22,34 @@ the sign where timm negates.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from fastlivt.config import ConfigError
-from fastlivt.data.device_ra_color import enhance_ops, lut_ops
-from fastlivt.data.device_ra_geometry import affine_matrices, affine_transform
+from fastlivt.data import device_ra_color as cops
+from fastlivt.data.device_ra_geometry import affine_matrices, resample
 from fastlivt.data.sample_rng import RandAugmentDraws, rand_augment_draws
 
 # timm's _RAND_INCREASING_TRANSFORMS, in its order (op index = position)
 OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
        "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
        "TranslateXRel", "TranslateYRel")
-# per op: (family, code in the family's function); families: 0 look-up table, 1 enhance, 2 geometric
-_FAMILY = np.array([0, 0, 0, 2, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
-_CODE = np.array([1, 2, 3, 1, 4, 5, 6, 1, 2, 0, 3, 2, 3, 4, 5])
+# the groups a slot's applied samples are split into; each runs one function (device_rand_augment's _run_group)
+GROUPS = ("table", "histogram", "contrast", "color", "sharpness",
+          "x bilinear", "x bicubic", "y bilinear", "y bicubic", "xy bilinear", "xy bicubic")
+_FIRST_GEOMETRIC = GROUPS.index("x bilinear")
+# the filters each interpolation setting draws from (timm's 'random' = a choice per op)
+FILTERS = {"bilinear": ("bilinear",), "bicubic": ("bicubic",), "random": ("bilinear", "bicubic")}
+# per op: its group (a geometric op's bilinear one; bicubic is the next) and its code in the group's function (table
+# kind, or affine_matrices' kind)
+_GROUP = np.array([1, 1, 0, 9, 0, 0, 0, 3, 2, 0, 4, 5, 7, 5, 7])
+_CODE = np.array([cops.AUTOCONTRAST, cops.EQUALIZE, cops.INVERT, 1, cops.POSTERIZE, cops.SOLARIZE, cops.SOLARIZE_ADD,
+                  0, cops.CONTRAST, cops.BRIGHTNESS, 0, 2, 3, 4, 5])
 
 
 @dataclass(frozen=True)
@@ -89,23 +101,36 @@ def img_mean(mean: Sequence[float]) -> Tuple[int, int, int]:
     return tuple(min(255, round(255 * m)) for m in mean)
 
 
+def sample_groups(d: RandAugmentDraws) -> np.ndarray:
+    """int64 ``[B, layers]``: each sample's group (index in :data:`GROUPS`) per slot, -1 where its op is not applied."""
+    bicubic = (_GROUP[d.ops] >= _FIRST_GEOMETRIC) & d.bicubic
+    return np.where(d.applied, _GROUP[d.ops] + bicubic, -1)
+
+
 @dataclass
 class DeviceDraws:
-    """:class:`RandAugmentDraws` as tensors on the device: ``ops`` int64, ``applied``/``negate``/``bicubic`` bool,
-    ``magnitude`` float64, each ``[B, layers]``; ``members[slot][family]``: int64 indices of the samples whose op in
-    that slot is applied and of that family (0 look-up table, 1 enhance, 2 geometric), found on the host from the
-    draws, so the device never waits to learn a subset's size."""
+    """:class:`RandAugmentDraws` as tensors on the device: ``ops`` and ``group`` (:func:`sample_groups`) int64,
+    ``applied``/``negate`` bool, ``magnitude`` float64, each ``[B, layers]``; ``members[slot][g]``: int64 indices of
+    the samples of group ``g`` in that slot, found on the host from the draws, so the device never waits to learn a
+    subset's size; ``groups``: the groups the draws' interpolation setting can produce (the others are not run, so
+    the number of operations depends on that setting, never on the batch)."""
 
     ops: torch.Tensor
     applied: torch.Tensor
     magnitude: torch.Tensor
     negate: torch.Tensor
-    bicubic: torch.Tensor
+    group: torch.Tensor
     members: List[List[torch.Tensor]]
+    groups: Tuple[int, ...] = tuple(range(len(GROUPS)))
 
     @classmethod
-    def from_draws(cls, d: RandAugmentDraws, device: torch.device) -> "DeviceDraws":
-        """Copy ``d`` to ``device`` (through pinned memory without waiting, on CUDA)."""
+    def from_draws(cls, d: RandAugmentDraws, device: torch.device, interpolation: str = "random") -> "DeviceDraws":
+        """Copy ``d`` (drawn with ``interpolation``: 'bilinear', 'bicubic' or 'random') to ``device`` (through pinned
+        memory without waiting, on CUDA)."""
+        if interpolation not in FILTERS:
+            raise ValueError(f"RandAugment interpolation must be one of {sorted(FILTERS)}, got {interpolation!r}")
+        groups = tuple(g for g, name in enumerate(GROUPS)
+                       if g < _FIRST_GEOMETRIC or name.split()[1] in FILTERS[interpolation])
         device = torch.device(device)
         pin = device.type == "cuda"
 
@@ -113,65 +138,111 @@ class DeviceDraws:
             t = torch.from_numpy(np.ascontiguousarray(a))
             return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
-        family = np.where(d.applied, _FAMILY[d.ops], -1)
-        members = [[put(np.flatnonzero(family[:, slot] == f)) for f in range(3)] for slot in range(d.ops.shape[1])]
-        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(d.bicubic), members)
+        group = sample_groups(d)
+        stray = np.isin(group, [g for g in range(len(GROUPS)) if g not in groups])
+        if stray.any():
+            raise ValueError(f"RandAugment draws use the group {GROUPS[group[stray][0]]!r}, which interpolation "
+                             f"{interpolation!r} does not draw")
+        members = [[put(np.flatnonzero(group[:, slot] == g)) for g in range(len(GROUPS))]
+                   for slot in range(d.ops.shape[1])]
+        return cls(put(d.ops), put(d.applied), put(d.magnitude), put(d.negate), put(group), members, groups)
 
 
-def _slot_arguments(op: torch.Tensor, applied: torch.Tensor, mag: torch.Tensor, negate: torch.Tensor,
-                    height: int, width: int) -> Tuple[torch.Tensor, ...]:
-    """Per sample of one slot: (family, code, integer argument, enhance factor, geometric value), with timm's
-    level-to-argument arithmetic in float64; a sample whose op is not applied gets family -1."""
+@dataclass
+class _SlotArguments:
+    """Per sample of one slot: code in its group's function, integer argument (posterize bits, solarize threshold,
+    solarize_add), enhance factor, affine matrix (:func:`affine_matrices` of the rotation degrees, shear or pixels)."""
+
+    code: torch.Tensor
+    int_arg: torch.Tensor
+    factor: torch.Tensor
+    matrix: torch.Tensor
+
+    def subset(self, index: Optional[torch.Tensor]) -> "_SlotArguments":
+        if index is None:
+            return self
+        return _SlotArguments(*(t.index_select(0, index) for t in (self.code, self.int_arg, self.factor,
+                                                                    self.matrix)))
+
+
+def _slot_arguments(op: torch.Tensor, mag: torch.Tensor, negate: torch.Tensor, height: int,
+                    width: int) -> _SlotArguments:
+    """timm's level-to-argument arithmetic in float64 for every sample of one slot."""
     dev = op.device
-    family = torch.where(applied, torch.as_tensor(_FAMILY, device=dev)[op], -1)
     code = torch.as_tensor(_CODE, device=dev)[op]
     level = mag / torch.full_like(mag, 10.0)  # true division (a scalar divisor may become a reciprocal multiply)
     sign = torch.where(negate, -1.0, 1.0)  # read by the ops timm negates only (enhance, geometric)
     posterize_bits = 4 - torch.trunc(level * 4).long()
     solarize_thresh = 256 - torch.trunc(level * 256).long().clamp_max(256)
     solarize_add = torch.trunc(level * 110).long().clamp_max(128)
-    int_arg = torch.where(code == 4, posterize_bits, torch.where(code == 5, solarize_thresh, solarize_add))
+    int_arg = torch.where(code == cops.POSTERIZE, posterize_bits,
+                          torch.where(code == cops.SOLARIZE, solarize_thresh, solarize_add))
     factor = (1.0 + sign * (level * 0.9)).clamp_min(0.1)
     size = torch.where(code == 4, float(width), float(height))
     geo_value = sign * torch.where(code == 1, level * 30.0, torch.where(code >= 4, (level * 0.45) * size, level * 0.3))
-    return family, code, int_arg, factor, geo_value
+    return _SlotArguments(code, int_arg, factor, affine_matrices(code, geo_value, height, width))
 
 
-def _apply_family(out: torch.Tensor, img: torch.Tensor, mask: torch.Tensor, members: Optional[torch.Tensor],
-                  op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """``out`` with the samples of ``mask`` replaced by ``op(their images, their indices)``: on the gathered
-    ``members`` (the indices where ``mask`` holds) and put back, or, when ``members`` is None, on the whole batch and
-    selected with ``torch.where``."""
-    if members is not None:
-        return out.index_put((members,), op(img.index_select(0, members), members))
-    idx = torch.arange(img.shape[0], device=img.device)
-    return torch.where(mask.view(-1, 1, 1, 1), op(img, idx), out)
+def _run_group(group: int, img: torch.Tensor, a: _SlotArguments, fill: Sequence[int],
+               geometry_dtype: torch.dtype) -> torch.Tensor:
+    """Group ``group``'s function on uint8 ``[k,H,W,3]`` with its samples' arguments ``a``."""
+    name = GROUPS[group]
+    if name == "table":
+        return cops.apply_tables(img, cops.value_tables(a.code, a.int_arg, a.factor))
+    if name == "histogram":
+        index = cops.table_index(img)
+        return cops.apply_tables(img, cops.histogram_tables(a.code, cops.histograms(index)), index)
+    if name == "contrast":
+        return cops.apply_tables(img, cops.blend_tables(cops.mean_grey_level(img), a.factor))
+    if name == "color":
+        return cops.color(img, a.factor)
+    if name == "sharpness":
+        return cops.sharpness(img, a.factor)
+    axes, interpolation = name.split()
+    return resample(img, a.matrix, axes, interpolation == "bicubic", fill, geometry_dtype)
+
+
+def default_geometry_dtype(device: torch.device) -> torch.dtype:
+    """The geometric ops' arithmetic when none is asked for: float64 (Pillow's, value for value) on an accelerator;
+    float32 on a CPU, where float64 costs more than Pillow itself and float32 moves a value by at most one level."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float64
 
 
 def device_rand_augment(images: torch.Tensor, draws: DeviceDraws, fill: Sequence[int],
-                        geometry_dtype: torch.dtype = torch.float64, channels_last: bool = False,
+                        geometry_dtype: Optional[torch.dtype] = None, channels_last: bool = False,
                         compact: bool = True) -> torch.Tensor:
     """timm's RandAugment with each sample's ``draws`` on uint8 images ``[B,3,H,W]`` (``[B,H,W,3]`` when
-    ``channels_last``), same layout out; ``fill`` = timm's ``img_mean``.
+    ``channels_last``), same layout out; ``fill`` = timm's ``img_mean``; ``geometry_dtype`` None:
+    :func:`default_geometry_dtype` of the images' device.
 
-    ``compact``: each op family runs on the samples that drew it only (``draws.members``: their count sets the
-    tensors' sizes, not the number of operations); otherwise every family runs on the whole batch (the same result,
-    about ``layers`` x 3 times the work)."""
+    ``compact``: each group's function runs on the samples of the group only (``draws.members``: their count sets
+    the tensors' sizes, not the number of operations); otherwise on the whole batch (the same result, about
+    ``layers`` x ``len(GROUPS)`` times the work)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3 if channels_last else 1] != 3:
         raise ValueError(f"device RandAugment expects uint8 RGB images, got {images.dtype} {tuple(images.shape)}")
-    img = images if channels_last else images.permute(0, 2, 3, 1)
-    img = img.contiguous()
+    img = (images if channels_last else images.permute(0, 2, 3, 1)).clone(memory_format=torch.contiguous_format)
+    geometry_dtype = geometry_dtype or default_geometry_dtype(img.device)
     _, h, w, _ = img.shape
     for slot in range(draws.ops.shape[1]):
-        family, code, int_arg, factor, geo_value = _slot_arguments(
-            draws.ops[:, slot], draws.applied[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
-        bicubic = draws.bicubic[:, slot]
-        members = draws.members[slot] if compact else [None, None, None]
-        if compact:
-            out = _apply_family(img, img, family == 0, members[0], lambda sub, i: lut_ops(sub, code[i], int_arg[i]))
-        else:  # table 0 is the identity: the samples of the other families pass through
-            out = lut_ops(img, torch.where(family == 0, code, 0), int_arg)
-        out = _apply_family(out, img, family == 1, members[1], lambda sub, i: enhance_ops(sub, code[i], factor[i]))
-        img = _apply_family(out, img, family == 2, members[2], lambda sub, i: affine_transform(
-            sub, affine_matrices(code[i], geo_value[i], h, w), bicubic[i], fill, geometry_dtype))
+        args = _slot_arguments(draws.ops[:, slot], draws.magnitude[:, slot], draws.negate[:, slot], h, w)
+        if compact:  # the groups are disjoint: each reads and writes back its own samples of ``img``
+            for g in draws.groups:
+                members = draws.members[slot][g]
+                result = _run_group(g, img.index_select(0, members), args.subset(members), fill, geometry_dtype)
+                _as_words(img).index_put_((members,), _as_words(result))
+            continue
+        out = img
+        for g in draws.groups:
+            mask = (draws.group[:, slot] == g).view(-1, 1, 1, 1)
+            out = torch.where(mask, _run_group(g, img, args, fill, geometry_dtype), out)
+        img = out
     return img if channels_last else img.permute(0, 3, 1, 2).contiguous()
+
+
+def _as_words(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[k, ...]`` viewed as ``[k, bytes / size]`` of the widest integer type whose size divides an image's
+    bytes: ``index_put_`` copies element by element, 8 bytes at a time instead of 1."""
+    per_image = math.prod(images.shape[1:])
+    word = next(dtype for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8)
+                if per_image % dtype.itemsize == 0)
+    return images.view(images.shape[0], per_image).view(word)

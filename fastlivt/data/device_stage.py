@@ -33,7 +33,8 @@ class DeviceStage:
         if self.policy is None:
             return None
         keys = sample_keys(self.seed, epoch, np.asarray(positions, dtype=np.int64))
-        return dra.DeviceDraws.from_draws(dra.draw(self.policy, keys, self.interpolation), device)
+        return dra.DeviceDraws.from_draws(dra.draw(self.policy, keys, self.interpolation), device,
+                                          self.interpolation)
 
     def augment(self, images: torch.Tensor, draws: Optional[dra.DeviceDraws]) -> torch.Tensor:
         """Device side, RandAugment alone: uint8 ``[B,3,H,W]`` -> uint8 ``[B,3,H,W]`` in channels_last memory

@@ -203,7 +203,7 @@ def time_batch(batch: int, size: int, device: torch.device, repeats: int = 5,
     policy = dra.parse_policy(config)
 
     def once() -> dra.DeviceDraws:
-        draws = dra.DeviceDraws.from_draws(dra.draw(policy, keys), device)
+        draws = dra.DeviceDraws.from_draws(dra.draw(policy, keys, "bicubic"), device, "bicubic")
         dra.device_rand_augment(images, draws, (124, 116, 104))
         return draws
 

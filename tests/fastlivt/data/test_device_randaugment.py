@@ -126,7 +126,7 @@ def test_geometric_ops_exercise_both_filters_and_signs(setup):
 def test_whole_policy_matches_timm(setup, compact):
     ra, images, draws = setup
     assert 0 < draws.applied.mean() < 1
-    figures = rf.compare(ra, images, draws, FILL, compact=compact)
+    figures = rf.compare(ra, images, draws, FILL, compact=compact, geometry_dtype=torch.float64)
     assert figures["psnr"] >= 35.0 and figures["max"] <= 1, figures  # float64 geometry: Pillow's own arithmetic
 
 
@@ -137,7 +137,7 @@ def test_every_op_at_the_magnitude_bounds_matches_timm_exactly(setup, magnitude)
     for op in range(len(dra.OPS)):
         one = rf.forced(draws, op)
         one.magnitude[:] = magnitude
-        figures = rf.compare(ra, images[:16], _first(one, 16), FILL)
+        figures = rf.compare(ra, images[:16], _first(one, 16), FILL, geometry_dtype=torch.float64)
         assert figures["max"] == 0, (dra.OPS[op], magnitude, figures)
 
 
@@ -164,11 +164,40 @@ def test_float32_geometry_stays_close(setup):
         assert figures["within1"] >= 99.0 and figures["mean"] <= 0.25, (dra.OPS[op], figures)
 
 
+def test_cpu_default_geometry_is_float32(setup):
+    """On CPU the geometric ops run in float32 unless float64 (Pillow's arithmetic exactly) is asked for."""
+    _, images, draws = setup
+    d = dra.DeviceDraws.from_draws(rf.forced(draws, dra.OPS.index("Rotate")), torch.device("cpu"))
+    x = torch.from_numpy(images)
+    default = dra.device_rand_augment(x, d, FILL, channels_last=True)
+    assert dra.default_geometry_dtype(torch.device("cpu")) == torch.float32
+    assert torch.equal(default, dra.device_rand_augment(x, d, FILL, torch.float32, channels_last=True))
+    assert not torch.equal(default, dra.device_rand_augment(x, d, FILL, torch.float64, channels_last=True))
+
+
+@pytest.mark.parametrize("axes", ["x", "y", "xy"])
+@pytest.mark.parametrize("bicubic", [False, True])
+def test_resampling_lane_by_lane_equals_all_lanes_at_once(setup, axes, bicubic):
+    """CPU filters one colour lane at a time, accelerators all three at once: the same arithmetic."""
+    from fastlivt.data.device_ra_geometry import resample
+
+    _, images, draws = setup
+    op = {"x": "ShearX", "y": "TranslateYRel", "xy": "Rotate"}[axes]
+    args = dra._slot_arguments(torch.full((N_IMAGES,), dra.OPS.index(op)), torch.from_numpy(draws.magnitude[:, 0]),
+                               torch.from_numpy(draws.negate[:, 0]), SIZE, SIZE)
+    x = torch.from_numpy(images)
+    for dtype in (torch.float32, torch.float64):
+        one = resample(x, args.matrix, axes, bicubic, FILL, dtype, lanes=1)
+        assert torch.equal(one, resample(x, args.matrix, axes, bicubic, FILL, dtype, lanes=3))
+        assert not torch.equal(one, x)
+
+
 def test_compact_equals_whole_batch(setup):
     _, images, draws = setup
     d = dra.DeviceDraws.from_draws(draws, torch.device("cpu"))
-    sizes = [[len(m) for m in slot] for slot in d.members]
-    assert all(0 < n < N_IMAGES for slot in sizes for n in slot), sizes
+    sizes = np.array([[len(m) for m in slot] for slot in d.members])
+    assert sizes.shape == (2, len(dra.GROUPS)) and sizes.max() < N_IMAGES, sizes
+    assert (sizes.max(0) > 0).all(), sizes  # every group runs on a proper subset in some slot
     x = torch.from_numpy(images)
     compact = dra.device_rand_augment(x, d, FILL, channels_last=True)
     assert torch.equal(compact, dra.device_rand_augment(x, d, FILL, channels_last=True, compact=False))
@@ -295,11 +324,27 @@ def test_operation_count_does_not_depend_on_the_batch(compact):
     assert len(counts) == 1 and counts.pop() > 50
 
 
+def _ops_with(batch: int, seed: int, interpolation: str) -> int:
+    images = torch.from_numpy(rf.fidelity_images(batch, 16, seed)).permute(0, 3, 1, 2).contiguous()
+    draws = dra.draw(dra.parse_policy(CONFIG), sample_keys(seed, 0, np.arange(batch)), interpolation)
+    return rf.count_ops(images, dra.DeviceDraws.from_draws(draws, torch.device("cpu"), interpolation), FILL)
+
+
+def test_one_filter_policy_runs_only_its_groups():
+    """A fixed filter leaves the other filter's geometric groups out: fewer operations, still none per image."""
+    bicubic = {_ops_with(32, 0, "bicubic"), _ops_with(256, 1, "bicubic")}
+    assert len(bicubic) == 1 and bicubic.pop() < _ops_with(32, 0, "random")
+    mixed = dra.draw(dra.parse_policy(CONFIG), sample_keys(3, 0, np.arange(64)), "random")
+    with pytest.raises(ValueError, match="bilinear"):
+        dra.DeviceDraws.from_draws(rf.forced(mixed, dra.OPS.index("Rotate")), torch.device("cpu"), "bicubic")
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu(setup):
     _, images, draws = setup
     x = torch.from_numpy(images)
-    cpu = dra.device_rand_augment(x, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL, channels_last=True)
+    cpu = dra.device_rand_augment(x, dra.DeviceDraws.from_draws(draws, torch.device("cpu")), FILL, torch.float64,
+                                  channels_last=True)
     cuda = torch.device("cuda")
     gpu = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True)
     whole = dra.device_rand_augment(x.to(cuda), dra.DeviceDraws.from_draws(draws, cuda), FILL, channels_last=True,
