@@ -1,7 +1,8 @@
 """Per-sample crop + resize + flip of a whole batch on its device: the RandomResizedCrop every loader backend shares.
 
-A backend hands over the samples' pixels as one zero-padded uint8 batch ``[B,3,Hp,Wp]`` (any memory layout) with
-each sample's window; the resampling is Pillow's antialiased bicubic ``resize`` of the window (``Image.crop(box)
+A backend hands over the samples' pixels as one padded uint8 batch ``[B,3,Hp,Wp]`` (any memory layout; what lies
+outside a sample's image is never read with a weight other than 0, so the padding may hold anything) with each
+sample's window; the resampling is Pillow's antialiased bicubic ``resize`` of the window (``Image.crop(box)
 .resize(size, BICUBIC)``, what torchvision's and timm's RandomResizedCrop do to PIL images, and what torchvision's
 tensor ``resize(antialias=True)`` reproduces): separable, horizontal pass first, each pass rounded to 0..255 as
 Pillow's 8-bit passes are. For output position ``o`` of a window ``[start, start + length)`` resized to ``out``

@@ -5,7 +5,7 @@ sample (:class:`~fastlivt.data.ffcv_ops.StoredBytes`, parallel over the batch in
 layout is in its docstring), and the crop windows, flips and RandAugment draws are computed from (run.seed, epoch,
 global position) by :mod:`fastlivt.data.sample_rng` (the crop's for the whole pass, RandAugment's per batch). On the
 loader's device, per batch, in the code every backend shares: raw rows are copied over (a side CUDA stream) and
-viewed as one zero-padded ``[B,3,H,W]`` batch; JPEG rows are decoded by
+viewed as one padded ``[B,3,H,W]`` batch (the padding is never read: the crop weighs it 0); JPEG rows are decoded by
 :func:`~fastlivt.data.device_decode.decode_batch` (nvJPEG on CUDA, libjpeg-turbo for the CPU) and padded into it;
 then :func:`~fastlivt.data.device_crop.crop_resize` (train: RandomResizedCrop + flip with each sample's window) or
 :func:`~fastlivt.data.device_crop.resize_center_crop` (eval: the torch backend's Resize + CenterCrop), then the
@@ -98,11 +98,6 @@ class FFCVLoader(EpochLoader):
                  self.num_samples - jpeg, jpeg, "nvJPEG" if self.device.type == "cuda" else "CPU", self.device)
 
     # ------------------------------------------------------------------------------------------------ one batch
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """A small host array on the loader's device, copied from pinned memory."""
-        t = torch.from_numpy(np.ascontiguousarray(array))
-        return t if self._copy_stream is None else t.pin_memory().to(self.device, non_blocking=True)
-
     def _rows_to_device(self, rows: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.cuda.Event]]:
         """FFCV's pinned rows on the device (the rows themselves on the CPU), and the event after which FFCV may
         reuse them: copied on a side stream, so the copy waits for no training work queued before it."""
@@ -118,33 +113,29 @@ class FFCVLoader(EpochLoader):
         return on_device, copied
 
     def _pixels(self, rows: torch.Tensor, header: np.ndarray, indices: np.ndarray):
-        """uint8 ``[B,3,H,W]`` zero-padded batch of the rows' images on the device, and the copy's event."""
+        """The rows' images on the device — a padded uint8 ``[B,3,H,W]`` batch, or, when every row is a JPEG, the
+        decoded ``[3,H,W]`` images as they are (the crop pads them if its way of cropping needs a batch) — and the
+        copy's event."""
         n, raw = rows.shape[0], header[:, 2] == RAW
-        pixels, copied, owned = None, None, False  # owned: not a view of FFCV's rows on the CPU
+        pixels, copied = None, None
         if raw.any():
             on_device, copied = self._rows_to_device(rows)
-            owned = copied is not None
             area = self.max_height * self.max_width * 3
             pixels = on_device[:, HEADER_BYTES:HEADER_BYTES + area].view(n, self.max_height, self.max_width, 3)
+            # what lies outside each image is left as it is: the crop gives it weight 0 (device_crop)
             pixels = pixels.permute(0, 3, 1, 2)
-            if (header[:, :2] != (self.max_height, self.max_width)).any():  # zero what lies outside each image
-                hw = self._to_device(header[:, :2])
-                ys = torch.arange(self.max_height, device=self.device).view(1, -1, 1)
-                xs = torch.arange(self.max_width, device=self.device).view(1, 1, -1)
-                inside = (ys < hw[:, 0].view(-1, 1, 1)) & (xs < hw[:, 1].view(-1, 1, 1))
-                pixels, owned = pixels * inside.unsqueeze(1), True
         if not raw.all():
             jpeg = np.flatnonzero(~raw)
             encoded = [rows[i, HEADER_BYTES:HEADER_BYTES + int(header[i, 3])] for i in jpeg]
             names = [f"{self.path}: row {int(indices[i])}" for i in jpeg]
-            decoded, _ = dc.pad_to_batch(dd.decode_batch(encoded, names, self.device))
+            images = dd.decode_batch(encoded, names, self.device)
             if pixels is None:
-                pixels = decoded
-            else:  # a file of mixed modes: the decoded JPEGs take their rows' places in the raw batch
-                pixels = pixels if owned else pixels.clone()
-                at = torch.from_numpy(jpeg).to(self.device)
-                pixels[at] = 0
-                pixels[at, :, :decoded.shape[2], :decoded.shape[3]] = decoded
+                return images, copied
+            # a file of mixed modes: the decoded JPEGs take their rows' places in a copy of the raw batch
+            decoded, _ = dc.pad_to_batch(images)
+            pixels = pixels.clone() if copied is None else pixels  # on the CPU, the rows FFCV will reuse
+            at = torch.from_numpy(jpeg).to(self.device)
+            pixels[at, :, :decoded.shape[2], :decoded.shape[3]] = decoded
         height, width = int(header[:, 0].max()), int(header[:, 1].max())  # the batch's extent
         return pixels[:, :, :height, :width], copied
 

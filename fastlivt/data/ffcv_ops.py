@@ -81,7 +81,7 @@ class StoredBytes(SimpleRGBImageDecoder):
       number of stored bytes;
     * payload of a raw sample: its pixels in a ``[max_height, max_width, 3]`` layout (pixel (y, x, c) at
       ``HEADER_BYTES + (y * max_width + x) * 3 + c``), the maximum over the .beton's samples; the bytes beyond the
-      sample's width and height are left as the buffer holds them (the reader zeroes them on the device);
+      sample's width and height are left as the buffer holds them (the shared crop gives them weight 0);
     * payload of a JPEG sample: its encoded bytes from ``HEADER_BYTES`` on.
 
     One row per sample with its own header because FFCV's pipeline yields one array per field and recycles its

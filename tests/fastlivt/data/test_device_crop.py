@@ -151,3 +151,18 @@ def test_on_cuda_auto_is_the_batched_products_and_matches_the_cpu():
     cpu = dc.crop_resize(images, p.windows, p.flip, 40, method="matmul")
     gpu = dc.crop_resize([im.cuda() for im in images], p.windows, p.flip, 40)
     assert gpu.device.type == "cuda" and (gpu.cpu().int() - cpu.int()).abs().max() <= 1
+
+
+def test_the_padding_never_reaches_a_crop():
+    """A backend may hand over a padded batch whose padding holds anything (FFCV's reused rows)."""
+    images = _images(12, seed=6)
+    zeros, sizes = dc.pad_to_batch(images)
+    noisy = torch.randint(0, 256, zeros.shape, dtype=torch.uint8)
+    for i, (h, w) in enumerate(sizes.tolist()):
+        noisy[i, :, :h, :w] = zeros[i, :, :h, :w]
+    p = _params(images)
+    for method in METHODS:
+        assert torch.equal(dc.crop_resize(noisy, p.windows, p.flip, 24, method=method),
+                           dc.crop_resize(zeros, p.windows, p.flip, 24, method=method))
+        assert torch.equal(dc.resize_center_crop(noisy, sizes, 30, 24, method=method),
+                           dc.resize_center_crop(zeros, sizes, 30, 24, method=method))
