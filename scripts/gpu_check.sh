@@ -11,10 +11,12 @@
 # Steps in priority order, each under its own limit, every row written as soon as measured (`fastlivt bench` rewrites
 # $OUT/<part>/bench-*.{json,md} after every group of rows), every log teed into $OUT:
 #   env             environment and the bf16/fp32 GEMM peak (the MFU denominator)
-#   tests-kernel    the Bal-BCE kernel's CUDA tests, compiled (TRITON_INTERPRET=0)
+#   tests-kernel    the Bal-BCE kernel's CUDA tests, compiled (TRITON_INTERPRET=0), and the device crop's and
+#                   RandAugment's CUDA tests
 #   bench-loss      the loss benchmark (C = 365, 1000, 8142; launch sweep at 8142)
 #   bench-compiled  MGP and BFT ViT-B/16 224 bf16, eager vs torch.compile: img/s, MFU, peak memory
-#   bench-data      nvJPEG decode images/s (the loader rows need a converted dataset, i.e. FFCV: unavailable here)
+#   bench-data      nvJPEG decode images/s, the shared device pipeline (crop + flip + RandAugment + normalise + erasing +
+#                   Mixup/CutMix) at 224 px, B = 32 and 256 (the loader rows need FFCV's converter: unavailable here)
 #   bench-deepspeed ViT-L/16 384 BFT step, plain PyTorch +/- activation checkpointing (ZeRO-3 rows need DeepSpeed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,9 @@ elif [ -n "$DRY_RUN" ]; then
     echo "gpu_check: DRY_RUN=$DRY_RUN: only DRY_RUN=cpu is known" >&2; exit 2
 else
     DEVICE=cuda INTERPRET=0 COMPILED_ARGS=()
-    KERNEL_TESTS=(tests/kernels/test_bal_bce.py tests/kernels/test_bal_bce_layout.py -m cuda)
+    # with the device data pipeline's CUDA tests (crop, RandAugment: torch and timm only)
+    KERNEL_TESTS=(tests/kernels/test_bal_bce.py tests/kernels/test_bal_bce_layout.py tests/fastlivt/data/test_device_crop.py
+                  tests/fastlivt/data/test_device_randaugment.py -m cuda)
 fi
 limit() { local s; for s in $STEPS; do [ "${s%%:*}" = "$1" ] && { echo "${s#*:}"; return; }; done; echo "no limit for $1" >&2; exit 2; }
 
@@ -41,7 +45,7 @@ step() {  # step NAME CMD... : run under NAME's limit, tee the full log, say how
     local name=$1; shift
     local lim; lim=$(limit "$name")
     local cmd="$*"
-    if [ -n "${PLAN_ONLY:-}" ]; then cmd=${cmd//$'\n'/ }; echo "$name $lim TRITON_INTERPRET=$TRITON_INTERPRET ${cmd:0:150}"; return; fi
+    if [ -n "${PLAN_ONLY:-}" ]; then cmd=${cmd//$'\n'/ }; echo "$name $lim TRITON_INTERPRET=$TRITON_INTERPRET ${cmd:0:300}"; return; fi
     echo "=== [$((SECONDS - START)) s] $name (limit ${lim} s): ${cmd:0:120}" | tee -a "$OUT/summary.txt"
     timeout --kill-after=5 "$lim" "$@" > >(tee "$OUT/$name.log") 2>&1
     local rc=$?

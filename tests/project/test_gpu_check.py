@@ -30,6 +30,8 @@ def test_gpu_plan_keeps_the_order_fits_330_s_and_runs_the_kernel_compiled():
     assert all(s[2] == "TRITON_INTERPRET=0" for s in steps)
     tests = dict((s[0], s[3]) for s in steps)["tests-kernel"]
     assert "-m cuda" in tests and "tests/kernels/test_bal_bce.py" in tests
+    # the device data pipeline's CUDA tests too: crop and RandAugment, which need nothing the GPU image lacks
+    assert "tests/fastlivt/data/test_device_crop.py" in tests and "test_device_randaugment.py" in tests
     assert all("--device cuda" in s[3] for s in steps if s[0].startswith("bench-"))
 
 

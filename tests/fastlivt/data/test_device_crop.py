@@ -144,7 +144,7 @@ def test_bad_input_is_refused_by_name():
         dc.resize_center_crop([torch.zeros(3, 8, 16, dtype=torch.uint8)], [(8, 16)], 8, 12)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_on_cuda_auto_is_the_batched_products_and_matches_the_cpu():
     images = _images(16, seed=4)
     p = _params(images)
