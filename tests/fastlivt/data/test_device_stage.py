@@ -17,18 +17,23 @@ POLICY = "rand-m9-mstd0.5-inc1"
 pytestmark = pytest.mark.timeout(600)
 
 
+def _textured_jpegs(src, counts, sides, seed: int) -> None:
+    """``counts[c]`` JPEGs per class c (smooth colour fields plus noise, each side in ``sides``) under ``src/c<c>``."""
+    rng = np.random.default_rng(seed)
+    for c, n in enumerate(counts):
+        (src / f"c{c}").mkdir(parents=True)
+        for k in range(n):
+            h, w = rng.integers(sides[0], sides[1], 2)
+            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+            img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(src / f"c{c}" / f"{k}.jpg", quality=95)
+
+
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """20 textured JPEGs (smooth colour fields plus noise) of varied sizes in 2 classes, in both formats."""
     root = tmp_path_factory.mktemp("shared-ra")
-    rng = np.random.default_rng(3)
-    for c, n in enumerate([12, 8]):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for k in range(n):
-            h, w = rng.integers(36, 80, 2)
-            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-            img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
+    _textured_jpegs(root / "src", [12, 8], (36, 80), seed=3)
     return convert_imagefolder(root / "src", root / "out")
 
 
@@ -88,14 +93,7 @@ def raw_split(tmp_path_factory):
     from fastlivt.data_prep.cli import main
 
     root = tmp_path_factory.mktemp("shared-crop")
-    rng = np.random.default_rng(8)
-    for c, n in enumerate([6, 4]):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for k in range(n):
-            h, w = rng.integers(30, 70, 2)
-            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-            img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / "src" / f"c{c}" / f"{k}.jpg", quality=95)
+    _textured_jpegs(root / "src", [6, 4], (30, 70), seed=8)
     out = root / "out"
     assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(out),
                  "--workers", "0", "--write-mode", "raw", "--shard-size", "10", "--no-progress"]) == 0
