@@ -6,7 +6,7 @@ parameters: ``F.resized_crop(img, top, left, height, width, size, BICUBIC)`` (ti
 ``RandomResizedCropAndInterpolation``, torchvision's ``RandomResizedCrop``), ``hflip`` when drawn, then timm's
 RandAugment ops with the sample's draws (:func:`fastlivt.data.ra_fidelity.timm_reference`); for eval torchvision's
 ``Resize`` + ``CenterCrop``. The images (:func:`pipeline_images`) are real pictures (Fashion-MNIST, tinted to RGB, when
-it is on disk) and synthetic ones, resized to varied shapes so that crops go both up and down in scale.
+it is on disk; synthetic ones otherwise), resized to varied shapes so that crops go both up and down in scale.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ MEAN = (0.485, 0.456, 0.406)
 
 
 def pipeline_images(n: int, seed: int = 0, low: int = 48, high: int = 160) -> List[torch.Tensor]:
-    """``n`` uint8 ``[3,H,W]`` images, H and W uniform in ``[low, high]``."""
+    """``n`` uint8 ``[3,H,W]`` images, H and W uniform in ``[low, high]``: real pictures when Fashion-MNIST is on disk."""
     rng = np.random.default_rng(seed)
-    base = fidelity_images(n, high, seed)
+    base = fidelity_images(n, high, seed, real_fraction=1.0)
     out = []
     for k in range(n):
         h, w = (int(v) for v in rng.integers(low, high + 1, 2))

@@ -99,14 +99,14 @@ def _synthetic(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack(out)
 
 
-def fidelity_images(n: int, size: int, seed: int = 0) -> np.ndarray:
-    """uint8 ``[n,size,size,3]``: up to 3/4 Fashion-MNIST test images (tinted to RGB, bicubic-resized), the rest
-    synthetic."""
+def fidelity_images(n: int, size: int, seed: int = 0, real_fraction: float = 0.75) -> np.ndarray:
+    """uint8 ``[n,size,size,3]``: ``real_fraction`` of them Fashion-MNIST test images (tinted to RGB,
+    bicubic-resized) when the dataset is on disk, the rest synthetic."""
     rng = np.random.default_rng(seed)
     real = 0
     parts: List[np.ndarray] = []
     if FASHION_MNIST.exists():
-        real = (3 * n) // 4
+        real = int(n * real_fraction)
         with gzip.open(FASHION_MNIST, "rb") as f:
             raw = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
         for k in rng.choice(len(raw), real, replace=False):
@@ -114,7 +114,8 @@ def fidelity_images(n: int, size: int, seed: int = 0) -> np.ndarray:
             ink, paper = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
             rgb = np.clip(paper * (1 - grey) + ink * grey, 0, 255).astype(np.uint8)
             parts.append(np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))[None])
-    parts.append(_synthetic(n - real, size, rng))
+    if n > real:
+        parts.append(_synthetic(n - real, size, rng))
     return np.concatenate(parts)
 
 
