@@ -93,6 +93,9 @@ class EpochLoader:
         d = cfg.data
         if d.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {d.batch_size}")
+        if d.batches_ahead < 1:  # FFCV's queue of 0 would be unbounded over its batches_ahead + 2 buffer slots
+            raise ConfigError(f"data.batches_ahead must be >= 1 (batches prepared ahead of the step), got "
+                              f"{d.batches_ahead}")
         self.cfg, self.split, self.stage, self.rank, self.world = cfg, split, stage, rank, world
         self.device = batch_device(device)
         self.manifest = load_manifest(directory)

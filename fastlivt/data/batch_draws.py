@@ -25,7 +25,8 @@ checked by ``tests/fastlivt/data/test_batch_draws.py``):
   ``torch.Generator`` on the batch's device, which draws a ``[B, C, H, W]`` normal tensor whose boxes the device
   stage keeps (:mod:`fastlivt.data.augment`). A sample's noise therefore depends on its batch (its key and its
   index in it), which the seed, the epoch and the plan fix for a given world size and batch size; the generator is
-  the device type's (CPU: Mersenne Twister, CUDA: Philox), so CPU and GPU runs erase with different noise. A
+  the device type's (CPU: Mersenne Twister, CUDA: Philox, whose mapping of values to elements follows the GPU's
+  launch grid), so CPU and GPU runs, and runs on different GPU models, erase with different noise. A
   counter-based normal per (sample, channel, pixel) would make it per-sample, at the cost of an integer hash per
   pixel on the device: one generator call per batch was chosen instead.
 

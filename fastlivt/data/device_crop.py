@@ -16,8 +16,10 @@ so one pass of a batch is a batched matrix product with a ``[B, out, Hp or Wp]``
 each sample's window). Two ways to apply them, the same arithmetic:
 
 * ``matmul`` (accelerators): the weights of the whole batch are built with tensor operations and applied by two
-  batched matrix products: a fixed number of operations per batch whatever B is (a flip is the reversed rows of the
-  horizontal matrix's rows).
+  batched matrix products: a fixed number of operations per batch whatever B is (a flip reverses the order of the
+  horizontal matrix's rows). The products run in float32 outside any autocast; fastlivt never allows TF32 matrix
+  products, which would round the weights to 10 bits (a run that turns them on moves about 1 % of the values by a
+  level, 2 at most, still far above 35 dB: tested by rounding the weights so).
 * ``per_sample`` (the CPU): torch's own uint8 antialiased bicubic kernel on each sample's window, one call per sample.
   On a CPU the dense products cost more than the per-sample kernel at ImageNet sizes (``B x out x Hp x Wp``
   multiply-adds against a few taps per output), so CPU runs keep the per-sample kernel.
@@ -40,8 +42,9 @@ METHODS = ("auto", "matmul", "per_sample")
 
 
 def pad_to_batch(images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 ``[3,H,W]`` images on one device -> (zero-padded uint8 ``[B,3,Hmax,Wmax]``, int64 ``[B,2]`` (H, W)), in
-    two operations whatever B is (a nested tensor of the images, then its padded form)."""
+    """uint8 ``[3,H,W]`` images on one device -> (zero-padded uint8 ``[B,3,Hmax,Wmax]``, int64 ``[B,2]`` (H, W)):
+    two dispatched operations whatever B is (a nested tensor of the images, then its padded form; how many kernels
+    the padding takes on a GPU for uint8 is torch's, not measured here)."""
     if not images:
         raise ValueError("pad_to_batch: no images")
     sizes = torch.tensor([[int(im.shape[1]), int(im.shape[2])] for im in images], dtype=torch.int64)
@@ -96,6 +99,11 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 def _apply(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Pillow's two 8-bit passes, horizontal first, as batched products: ``rows`` ``[B,S,Hp]``, ``cols``
     ``[B,S',Wp]`` -> uint8 ``[B,3,S,S']`` in channels-last memory (what RandAugment reads)."""
+    with torch.autocast(batch.device.type, enabled=False):  # float32 products whatever the caller's region
+        return _products(batch, rows, cols)
+
+
+def _products(batch: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     b, _, hp, wp = batch.shape
     x = torch.empty((b, wp, hp, 3), dtype=torch.float32, device=batch.device)
     x.copy_(batch.permute(0, 3, 2, 1))  # float, the width first: the product contracts it
@@ -112,6 +120,10 @@ def _as_tensor(a: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+def _host(a: ArrayLike) -> np.ndarray:
+    return a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
 
 
 def _method(method: str, device: torch.device) -> str:
@@ -149,16 +161,17 @@ def crop_resize(images: Images, windows: ArrayLike, flip: ArrayLike, size: int,
     """Sample i's window ``windows[i] = (top, left, height, width)`` of ``images[i]`` resized to ``size x size``,
     mirrored where ``flip[i]``: uint8 ``[B,3,size,size]`` on the images' device."""
     batch, device, method = _checked(images, method)
+    if method == "per_sample":  # the windows and flips read on the host: no device round trip
+        out = batch[0].new_empty((len(batch), 3, size, size))
+        for i, (t, l, h, w) in enumerate(_host(windows).reshape(-1, 4).tolist()):
+            out[i] = _one(batch[i][:, t:t + h, l:l + w], size, size)
+        flipped = np.flatnonzero(_host(flip))
+        if flipped.size:
+            at = _as_tensor(flipped, device, torch.int64)
+            out[at] = out[at].flip(-1)
+        return out
     win = _as_tensor(windows, device, torch.int64)
     mirror = _as_tensor(flip, device, torch.bool)
-    if method == "per_sample":
-        out = batch[0].new_empty((len(batch), 3, size, size))
-        for i, (t, l, h, w) in enumerate(win.tolist()):
-            out[i] = _one(batch[i][:, t:t + h, l:l + w], size, size)
-        flipped = torch.nonzero(mirror).flatten()
-        if flipped.numel():
-            out[flipped] = out[flipped].flip(-1)
-        return out
     top, left, height, width = win.unbind(1)
     zero = torch.zeros_like(top)
     full = torch.full_like(top, size)
@@ -177,7 +190,8 @@ def eval_geometry(sizes: np.ndarray, resize: int, size: int) -> np.ndarray:
         new_long = int(resize * long / short)
         nh, nw = (resize, new_long) if h <= w else (new_long, resize)
         if nh < size or nw < size:
-            raise ValueError(f"eval resize {resize} of a {h}x{w} image is smaller than the crop {size}")
+            raise ValueError(f"sample {i} of the batch: eval resize {resize} of a {h}x{w} image is smaller than the "
+                             f"crop {size}")
         out[i] = (nh, nw, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0)))
     return out
 
@@ -187,7 +201,7 @@ def resize_center_crop(images: Images, sizes: ArrayLike, resize: int, size: int,
     """torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` of each sample ``images[i][:, :H_i, :W_i]``
     (``sizes[i] = (H_i, W_i)``): uint8 ``[B,3,size,size]`` on the images' device."""
     batch, device, method = _checked(images, method)
-    host_sizes = np.asarray(sizes.cpu() if isinstance(sizes, torch.Tensor) else sizes, dtype=np.int64).reshape(-1, 2)
+    host_sizes = _host(sizes).astype(np.int64).reshape(-1, 2)
     geometry = eval_geometry(host_sizes, resize, size)
     if method == "per_sample":
         out = batch[0].new_empty((len(batch), 3, size, size))

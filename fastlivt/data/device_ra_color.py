@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from fastlivt.data.device_constants import constant
+
 LEVELS = 256
 # table kinds of value_tables / histogram_tables / blend_tables
 AUTOCONTRAST, EQUALIZE, INVERT, POSTERIZE, SOLARIZE, SOLARIZE_ADD, BRIGHTNESS, CONTRAST = range(1, 9)
@@ -133,7 +135,7 @@ def histogram_tables(kind: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
 def grey_levels(img: torch.Tensor) -> torch.Tensor:
     """Pillow's RGB -> 'L' conversion of uint8 ``[k,H,W,3]``, float64 ``[k,H,W]`` integer values (the weighted sums
     stay below 2**24: exact in any float order)."""
-    weights = torch.tensor(_GREY_WEIGHTS, dtype=torch.float64, device=img.device)
+    weights = constant(tuple(_GREY_WEIGHTS), torch.float64, img.device)
     weighted = torch.matmul(img.reshape(-1, 3).to(torch.float64), weights).view(img.shape[:3])
     return weighted.add_(0x8000).div_(65536.0).floor_()
 
@@ -167,8 +169,8 @@ def smooth(img: torch.Tensor) -> torch.Tensor:
     a weight is the same wherever it is used, so each is computed once."""
     _, h, w, _ = img.shape
     x = img.to(torch.float32)
-    weights = (torch.tensor([1.0, 5.0], dtype=torch.float32, device=img.device)
-               / torch.tensor([13.0, 13.0], dtype=torch.float32, device=img.device))  # Pillow: kernel / divisor
+    weights = constant(tuple((torch.tensor([1.0, 5.0]) / torch.tensor([13.0, 13.0])).tolist()), torch.float32,
+                       img.device)  # Pillow: kernel / divisor, in float32
     side, centre = x * weights[0], x * weights[1]
 
     def row(top: int, middle: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from fastlivt.data.device_constants import constant
+
 PAD = 2  # the bicubic taps of an inside point reach 2 pixels past the edge
 FILL_ROWS = 4  # rows of fill colour under the padded image: every tap of an outside point lands in them
 AXES = ("x", "y", "xy")
@@ -73,7 +75,7 @@ def _padded(img: torch.Tensor, fill: Sequence[int]) -> torch.Tensor:
     body[:, :, PAD + w:] = img[:, :, w - 1:]
     out[:, :PAD] = out[:, PAD:PAD + 1]
     out[:, PAD + h:2 * PAD + h] = out[:, PAD + h - 1:PAD + h]
-    out[:, 2 * PAD + h:] = torch.tensor([int(c) for c in fill], dtype=torch.int16, device=img.device)
+    out[:, 2 * PAD + h:] = constant(tuple(int(c) for c in fill), torch.int16, img.device)
     return out
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fastlivt.config import ConfigError
+from fastlivt.data.device_constants import constant
 from fastlivt.data import device_ra_color as cops
 from fastlivt.data.device_ra_geometry import affine_matrices, resample
 from fastlivt.data.sample_rng import RandAugmentDraws, rand_augment_draws
@@ -169,7 +170,7 @@ def _slot_arguments(op: torch.Tensor, mag: torch.Tensor, negate: torch.Tensor, h
                     width: int) -> _SlotArguments:
     """timm's level-to-argument arithmetic in float64 for every sample of one slot."""
     dev = op.device
-    code = torch.as_tensor(_CODE, device=dev)[op]
+    code = constant(tuple(int(c) for c in _CODE), torch.int64, dev)[op]
     level = mag / torch.full_like(mag, 10.0)  # true division (a scalar divisor may become a reciprocal multiply)
     sign = torch.where(negate, -1.0, 1.0)  # read by the ops timm negates only (enhance, geometric)
     posterize_bits = 4 - torch.trunc(level * 4).long()

@@ -5,8 +5,8 @@ sample (:class:`~fastlivt.data.ffcv_ops.StoredBytes`, parallel over the batch in
 layout is in its docstring), and the crop windows, flips and RandAugment draws are computed from (run.seed, epoch,
 global position) by :mod:`fastlivt.data.sample_rng` (the crop's for the whole pass, RandAugment's per batch). On the
 loader's device, per batch, in the code every backend shares: raw rows are copied over (a side CUDA stream) and
-viewed as one padded ``[B,3,H,W]`` batch (the padding is never read: the crop weighs it 0); JPEG rows are decoded by
-:func:`~fastlivt.data.device_decode.decode_batch` (nvJPEG on CUDA, libjpeg-turbo for the CPU) and padded into it;
+viewed as one padded ``[B,3,H,W]`` batch (the padding is read only with weight 0 by the crop); JPEG rows are decoded by
+:func:`~fastlivt.data.device_decode.decode_batch` (nvJPEG on CUDA, on the side stream; libjpeg-turbo for the CPU);
 then :func:`~fastlivt.data.device_crop.crop_resize` (train: RandomResizedCrop + flip with each sample's window) or
 :func:`~fastlivt.data.device_crop.resize_center_crop` (eval: the torch backend's Resize + CenterCrop), then the
 device stage every backend shares (:class:`~fastlivt.data.device_stage.DeviceStage`: RandAugment for finetune,
@@ -18,8 +18,8 @@ on it) that returns the plan the base class computed for the current (epoch, ski
 not used: the plan already holds only this rank's indices. ``data.os_cache`` and ``data.batches_ahead`` are passed on.
 Where the per-batch work runs: with the CPU as the device, in FFCV's epoch thread, ``data.batches_ahead`` batches
 ahead of the training step (as FFCV's own decoding did); on CUDA, in the iterating thread, its kernels queued on the
-current stream, and, as FFCV recycles a batch's host rows once the batch after next is taken, the copy of a batch's
-rows to the device is waited for before the next batch is taken.
+current stream, and, as FFCV may rewrite a batch's host rows as soon as the next batch is taken, the copy of a
+batch's rows to the device is waited for before the next batch is taken.
 """
 from __future__ import annotations
 
@@ -112,6 +112,21 @@ class FFCVLoader(EpochLoader):
         on_device.record_stream(current)
         return on_device, copied
 
+    def _decode(self, encoded, names):
+        """The JPEG rows decoded on the device. On CUDA on the side stream, after the work queued there: nvJPEG
+        writes on its own stream into memory allocated on the caller's, without waiting for that stream's queued
+        kernels (which may still read memory just freed), so the caller must not be the training stream."""
+        if self._copy_stream is None:
+            return dd.decode_batch(encoded, names, self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.synchronize()  # only this loader's copies and decodes run on it
+            images = dd.decode_batch(encoded, names, self.device)
+        current.wait_stream(self._copy_stream)
+        for image in images:
+            image.record_stream(current)
+        return images
+
     def _pixels(self, rows: torch.Tensor, header: np.ndarray, indices: np.ndarray):
         """The rows' images on the device — a padded uint8 ``[B,3,H,W]`` batch, or, when every row is a JPEG, the
         decoded ``[3,H,W]`` images as they are (the crop pads them if its way of cropping needs a batch) — and the
@@ -128,13 +143,14 @@ class FFCVLoader(EpochLoader):
             jpeg = np.flatnonzero(~raw)
             encoded = [rows[i, HEADER_BYTES:HEADER_BYTES + int(header[i, 3])] for i in jpeg]
             names = [f"{self.path}: row {int(indices[i])}" for i in jpeg]
-            images = dd.decode_batch(encoded, names, self.device)
+            images = self._decode(encoded, names)
             if pixels is None:
                 return images, copied
             # a file of mixed modes: the decoded JPEGs take their rows' places in a copy of the raw batch
             decoded, _ = dc.pad_to_batch(images)
             pixels = pixels.clone() if copied is None else pixels  # on the CPU, the rows FFCV will reuse
-            at = torch.from_numpy(jpeg).to(self.device)
+            at = torch.from_numpy(jpeg)
+            at = at if self._copy_stream is None else at.pin_memory().to(self.device, non_blocking=True)
             pixels[at, :, :decoded.shape[2], :decoded.shape[3]] = decoded
         height, width = int(header[:, 0].max()), int(header[:, 1].max())  # the batch's extent
         return pixels[:, :, :height, :width], copied
@@ -171,7 +187,6 @@ class FFCVLoader(EpochLoader):
         # own decoding did; CUDA: here, its kernels queued on the current stream (launches do not wait for them)
         in_thread = self._copy_stream is None
         self.order.set(indices)
-        self.loader.set_tables({})
         self.loader.set_finish(finish if in_thread else None)
         batches, copied = iter(self.loader), None  # FFCV yields the plan's batches in order
         try:

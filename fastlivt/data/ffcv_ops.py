@@ -4,12 +4,10 @@
   the JPEG) into one row of a uint8 buffer with a small header (layout in its docstring), in parallel over the batch.
   Decoding, cropping and everything else per pixel run on the loader's device afterwards
   (:mod:`fastlivt.data.ffcv_loader`), in the code every backend shares.
-* :class:`PlanLoader` is FFCV's ``Loader`` whose epoch iterator, right before it runs the pipeline on batch ``b``,
-  copies rows ``b*B .. b*B+n`` of the epoch's parameter table of every *seeded operation* (an operation with a
-  ``PARAM_WIDTH`` attribute, whose last memory buffer receives them) into that buffer's slot. FFCV runs the batches of
-  an epoch one after the other in one thread, and every operation of a batch runs before the next batch starts, so
-  each batch sees exactly its own rows. (The image pipeline has no seeded operation now: its random parameters are
-  applied on the device; the mechanism serves any host operation that needs per-sample parameters.)
+* :class:`PlanLoader` is FFCV's ``Loader`` whose epoch thread runs a ``finish`` step on each batch (the device work,
+  when the device is the CPU), hands over a :class:`Failed` instead of dying when a batch raises, and reuses the rows
+  of :class:`StoredBytes` from pass to pass. (The random parameters of the samples are applied on the device, so no
+  host operation takes any.)
 """
 from __future__ import annotations
 
@@ -26,7 +24,6 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.reader import Reader
 
 
-ParamTables = Dict[object, np.ndarray]  # seeded operation -> int64 [len(epoch order), PARAM_WIDTH]
 # Every numba dispatcher FFCV's Compiler makes (each pipeline stage and the functions they call, per loader), kept
 # until the process exits. numba 0.6x's dispatcher finalizer, run when a dispatcher dies while the process runs (the
 # loader that compiled it dropped, e.g. MGP's before BFT's in `fastlivt demo`, or an evaluation loader), iterates
@@ -150,12 +147,6 @@ def row_header(rows) -> np.ndarray:
     return head.view("<i8").astype(np.int64)
 
 
-def seeded_operations(loader: Loader):
-    """(operation, graph node id) of every seeded operation in the loader's pipelines."""
-    return [(op, nodes[0].id) for op, nodes in loader.graph.operation_to_node.items()
-            if hasattr(op, "PARAM_WIDTH") and nodes]
-
-
 class Failed:
     """What the epoch thread hands over instead of a batch whose pipeline or ``finish`` raised: the consumer raises
     ``error`` (an exception would otherwise end FFCV's thread and leave the consumer waiting for a batch)."""
@@ -165,17 +156,12 @@ class Failed:
 
 
 class _PlanEpochIterator(EpochIterator):
-    def __init__(self, loader: "PlanLoader", order, tables: ParamTables, finish):
-        self.tables, self.finish = tables, finish  # before EpochIterator.__init__, which starts the thread
-        self.seeded = seeded_operations(loader)
+    def __init__(self, loader: "PlanLoader", order, finish):
+        self.finish = finish  # before EpochIterator.__init__, which starts the thread
         super().__init__(loader, order)
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
-        n, start = len(batch_indices), b_ix * self.loader.batch_size
         try:
-            for op, node_id in self.seeded:
-                buffer = self.memory_allocations["operation"][node_id][-1]
-                buffer[batch_slot, :n] = self.tables[op][start:start + n]
             result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
             return result if self.finish is None else self.finish(b_ix, result)
         except Exception as e:
@@ -199,16 +185,11 @@ class _PlanEpochIterator(EpochIterator):
 
 
 class PlanLoader(Loader):
-    """FFCV's Loader whose next pass reads ``tables`` (see the module docstring) set with :meth:`set_tables`, and
-    runs ``finish(batch number, pipeline outputs)`` (set with :meth:`set_finish`; None: nothing) on each batch in
+    """FFCV's Loader whose passes run ``finish(batch number, pipeline outputs)`` (set with :meth:`set_finish`; None: nothing) on each batch in
     the epoch thread, yielding what it returns — or a :class:`Failed` when the pipeline or ``finish`` raised."""
 
-    _tables: ParamTables = {}
     _finish: Optional[Callable] = None
     _current = None
-
-    def set_tables(self, tables: ParamTables) -> None:
-        self._tables = tables
 
     def set_finish(self, finish: Optional[Callable]) -> None:
         self._finish = finish
@@ -247,16 +228,11 @@ class PlanLoader(Loader):
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        for op, _ in seeded_operations(self):
-            table = self._tables.get(op)
-            if table is None or table.shape[0] < len(selected) or table.shape[1] != op.PARAM_WIDTH:
-                raise RuntimeError(f"{type(op).__name__}: no parameter table of {len(selected)} x {op.PARAM_WIDTH} "
-                                   f"for this pass")
         self.stop()
         if self.graph.allocate_memory != self._allocate_memory:
             self._kept: Dict[tuple, object] = {}
             self.graph.allocate_memory = self._allocate_memory
-        self._current = _PlanEpochIterator(self, selected, self._tables, self._finish)
+        self._current = _PlanEpochIterator(self, selected, self._finish)
         return self._current
 
     def stop(self) -> None:

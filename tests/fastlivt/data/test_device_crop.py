@@ -166,3 +166,57 @@ def test_the_padding_never_reaches_a_crop():
                            dc.crop_resize(zeros, p.windows, p.flip, 24, method=method))
         assert torch.equal(dc.resize_center_crop(noisy, sizes, 30, 24, method=method),
                            dc.resize_center_crop(zeros, sizes, 30, 24, method=method))
+
+
+def test_weights_rounded_as_tf32_keep_the_crop_close_to_pillow():
+    """A run that allows TF32 matrix products (10-bit mantissas; fastlivt never does) rounds the weights: the crop
+    stays within 2 levels of Pillow and far above the 35 dB bound; and autocast does not reach the products."""
+    def tf32(w: torch.Tensor) -> torch.Tensor:
+        bits = w.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)  # round to nearest at 10 mantissa bits
+
+    images = _images(32, seed=7)
+    p = _params(images)
+    batch, _ = dc.pad_to_batch(images)
+    win = torch.from_numpy(p.windows)
+    top, left, height, width = win.unbind(1)
+    zero, full = torch.zeros_like(top), torch.full_like(top, 40)
+    rows = dc.resample_weights(top, height, full, zero, 40, batch.shape[2], batch.shape[2] / 40)
+    cols = dc.resample_weights(left, width, full, zero, 40, batch.shape[3], batch.shape[3] / 40,
+                               reverse=torch.from_numpy(p.flip))
+    assert not torch.equal(tf32(rows), rows)  # the rounding does change the weights
+    ref = _reference_crops(images, p.windows, p.flip, 40)
+    diff = (dc._apply(batch, tf32(rows), tf32(cols)).int() - ref.int()).abs()
+    assert diff.max() <= 2 and 10 * np.log10(255.0 ** 2 / diff.double().pow(2).mean().item()) >= 45
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = dc._apply(batch, rows, cols)
+    assert torch.equal(under_autocast, dc._apply(batch, rows, cols))
+
+
+@pytest.mark.cuda
+def test_the_device_pipeline_never_waits_for_the_gpu():
+    """crop + RandAugment + normalise + erasing + Mixup/CutMix of one batch on CUDA with torch's sync debug mode set
+    to error: a copy from pageable memory, an .item() or a nonzero() in the path raises."""
+    from fastlivt.data import device_randaugment as dra
+    from fastlivt.data.augment import BatchAugment
+    from fastlivt.data.device_stage import DeviceStage
+
+    cuda = torch.device("cuda")
+    images = [im.to(cuda) for im in _images(16, seed=8)]
+    p = _params(images)
+    stage = DeviceStage((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), cuda, 0,
+                        dra.parse_policy("rand-m9-mstd0.5-inc1"))
+    augment = BatchAugment(10, mixup=0.8, cutmix=1.0, smoothing=0.1, reprob=0.25, seed=0)
+    positions = np.arange(16)
+    labels = torch.arange(16, device=cuda) % 10
+    batch, _ = dc.pad_to_batch(images)
+    for checked in (False, True):  # checked the second time, every constant already on the device
+        draws = stage.draws(0, positions, cuda)
+        mixing = augment.draws(0, positions, 40, 40)
+        torch.cuda.set_sync_debug_mode("error" if checked else "default")
+        try:
+            out = stage.apply(dc.crop_resize(batch, p.windows, p.flip, 40), draws)
+            out, _ = augment.apply(out, labels, mixing)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.shape == (16, 3, 40, 40) and torch.isfinite(out).all()
