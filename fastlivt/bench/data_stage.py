@@ -24,7 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastlivt.bench.common import Row, device_name, sync
+from fastlivt.bench.common import Row, device_name, time_fn
 from fastlivt.config import TrainConfig
 
 BFT_POLICY = "rand-m9-mstd0.5-inc1"
@@ -130,14 +130,7 @@ def device_stage_rows(quick: bool, device: torch.device) -> List[Row]:
                 images = stage.apply(dc.crop_resize(pixels, p.windows, p.flip, size, method=method), draws)
                 return batch_augment.apply(images, labels, mixing) if batch_augment else images
 
-            run()  # warm-up
-            sync(device)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                run()
-                sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = time_fn(run, device, warmup=1, repeats=repeats)[2]
             counts[b] = tally(lambda: run("matmul"))
             timed[b] = (times, host_s)
         what = "crop + flip + " + ("RandAugment rand-m9-mstd0.5-inc1 per sample + normalise + RandomErasing 0.25 + "

@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from convert_testdata import convert_imagefolder
+from image_folders import noise_jpegs
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12  # 26 training images, batch 4, drop_last: 6 steps per epoch, 2 epochs
@@ -29,12 +28,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    rng = np.random.default_rng(2)
-    for c, n in enumerate([12, 8, 6]):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for k in range(n):
-            h, w = rng.integers(14, 24, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{k}.jpg")
+    noise_jpegs(root / "src", [12, 8, 6], (14, 24), seed=2)
     return convert_imagefolder(root / "src", root / "data")
 
 

@@ -4,46 +4,25 @@ the same expected draws for the three backends (they differ only by their decode
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_randaugment as dra
 from fastlivt.data.device_stage import DeviceStage
 from convert_testdata import convert_imagefolder
+from image_folders import no_numba_jit, textured_jpegs  # noqa: F401 (an autouse fixture)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 POLICY = "rand-m9-mstd0.5-inc1"
 pytestmark = pytest.mark.timeout(600)
 
 
-def _textured_jpegs(src, counts, sides, seed: int) -> None:
-    """``counts[c]`` JPEGs per class c (smooth colour fields plus noise, each side in ``sides``) under ``src/c<c>``."""
-    rng = np.random.default_rng(seed)
-    for c, n in enumerate(counts):
-        (src / f"c{c}").mkdir(parents=True)
-        for k in range(n):
-            h, w = rng.integers(sides[0], sides[1], 2)
-            coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
-            img = np.clip(np.asarray(coarse, np.int16) + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(src / f"c{c}" / f"{k}.jpg", quality=95)
-
-
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     """20 textured JPEGs (smooth colour fields plus noise) of varied sizes in 2 classes, in both formats."""
     root = tmp_path_factory.mktemp("shared-ra")
-    _textured_jpegs(root / "src", [12, 8], (36, 80), seed=3)
+    textured_jpegs(root / "src", [12, 8], (36, 80), seed=3)
     return convert_imagefolder(root / "src", root / "out")
-
-
-@pytest.fixture(autouse=True)
-def _no_numba_jit():
-    from ffcv.pipeline.compiler import Compiler
-
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _uint8_epoch(out, backend, *over) -> torch.Tensor:
@@ -93,7 +72,7 @@ def raw_split(tmp_path_factory):
     from fastlivt.data_prep.cli import main
 
     root = tmp_path_factory.mktemp("shared-crop")
-    _textured_jpegs(root / "src", [6, 4], (30, 70), seed=8)
+    textured_jpegs(root / "src", [6, 4], (30, 70), seed=8)
     out = root / "out"
     assert main(["imagefolder", "--root", str(root / "src"), "--formats", "ffcv,dali", "--out", str(out),
                  "--workers", "0", "--write-mode", "raw", "--shard-size", "10", "--no-progress"]) == 0

@@ -11,6 +11,7 @@ from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import device_crop as dc
 from convert_testdata import beton_stored
+from image_folders import no_numba_jit  # noqa: F401 (an autouse fixture)
 
 pytestmark = pytest.mark.timeout(600)
 SIZES = [(30, 41), (52, 33), (41, 41), (36, 60), (60, 28), (33, 47), (45, 38), (28, 52), (50, 50)]
@@ -101,15 +102,6 @@ def _to_uint8(images):
     std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1) * 255
     mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1) * 255
     return (images * std + mean).round().to(torch.uint8)
-
-
-@pytest.fixture(autouse=True)
-def _no_numba_jit():
-    from ffcv.pipeline.compiler import Compiler
-
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def test_hand_over_only_yields_the_rows_with_the_draws_made(mixed):

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from PIL import Image
 
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
+from image_folders import no_numba_jit  # noqa: F401 (autouse; one test below turns the JIT on)
 
 COUNTS = [45, 25, 13, 7]  # a long tail of 4 classes, N = 90
 N = sum(COUNTS)
@@ -54,16 +54,6 @@ def _cfg(out, backend, *over):
     base = [f"data.train={out}", f"data.val={out}", f"data.backend={backend}", "data.img_size=32",
             "data.batch_size=16", "data.workers=1", "run.seed=7", "run.epochs=4"]
     return load_config(TrainConfig, None, base + list(over))
-
-
-@pytest.fixture(autouse=True)
-def _no_numba_jit():
-    """FFCV compiles every new Loader with numba (5-9 s); one test below keeps the JIT on."""
-    from ffcv.pipeline.compiler import Compiler
-
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _ids(images: torch.Tensor) -> np.ndarray:

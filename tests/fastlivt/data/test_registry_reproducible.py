@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastlivt.config import TrainConfig, load_config
 from fastlivt.data import build_loader
 from fastlivt.data import sample_rng
 from convert_testdata import convert_imagefolder
+from image_folders import no_numba_jit, noise_jpegs  # noqa: F401 (an autouse fixture)
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.timeout(600)
@@ -23,22 +23,8 @@ pytestmark = pytest.mark.timeout(600)
 def split(tmp_path_factory):
     """24 random-noise JPEGs of varied sizes in 3 classes, converted to both formats."""
     root = tmp_path_factory.mktemp("repro")
-    rng = np.random.default_rng(1)
-    for c, n in enumerate([12, 8, 4]):
-        (root / "src" / f"c{c}").mkdir(parents=True)
-        for k in range(n):
-            h, w = rng.integers(30, 90, 2)
-            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / "src" / f"c{c}" / f"{k}.jpg")
+    noise_jpegs(root / "src", [12, 8, 4], (30, 90), seed=1)
     return convert_imagefolder(root / "src", root / "out")
-
-
-@pytest.fixture(autouse=True)
-def _no_numba_jit():
-    from ffcv.pipeline.compiler import Compiler
-
-    Compiler.set_enabled(False)
-    yield
-    Compiler.set_enabled(True)
 
 
 def _cfg(out, backend, workers, *over):
